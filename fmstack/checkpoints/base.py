@@ -79,6 +79,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
+def rename_tensor(name: str, global_names: dict[str, str], layer_re: re.Pattern,
+                  layer_names: dict[str, str]) -> str | None:
+    """Map a format's tensor name to the canonical one: whole-model names through `global_names`,
+    per-layer names by `layer_re` (groups: layer index, suffix) and `layer_names` (suffix -> canonical)."""
+    if name in global_names:
+        return global_names[name]
+    m = layer_re.match(name)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+    return None
+
+
 def _targets(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
     """Canonical name -> (destination parameter, first row) for a `fmstack.models.llama.Transformer`."""
     cfg: ModelConfig = model.config

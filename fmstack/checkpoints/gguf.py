@@ -19,7 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from torch import Tensor
 
-from fmstack.checkpoints.base import Checkpoint, TensorStream, expected_shapes
+from fmstack.checkpoints.base import rename_tensor, Checkpoint, TensorStream, expected_shapes
 from fmstack.checkpoints.meta import interleaved_to_half
 from fmstack.config import ModelConfig, RopeScaling
 from fmstack.errors import CheckpointError, ConfigError
@@ -39,12 +39,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 def gguf_name_to_canonical(name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `layers.3.attention.wq.weight`; None for others (e.g. `rope_freqs.weight`)."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    return None
+    return rename_tensor(name, _GLOBAL, _LAYER_RE, _LAYER)
 
 
 def detect(path: Path) -> bool:

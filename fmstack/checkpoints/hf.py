@@ -12,7 +12,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from fmstack.checkpoints.base import Checkpoint, TensorStream, expected_shapes
+from fmstack.checkpoints.base import rename_tensor, Checkpoint, TensorStream, expected_shapes
 from fmstack.config import from_hf_config, read_json
 from fmstack.errors import CheckpointError
 
@@ -42,12 +42,7 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 def hf_name_to_canonical(name: str) -> str | None:
     """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; None when the
     tensor has no canonical counterpart (e.g. `rotary_emb.inv_freq`)."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    return None
+    return rename_tensor(name, _GLOBAL, _LAYER_RE, _LAYER)
 
 
 def detect(path: Path) -> bool:
