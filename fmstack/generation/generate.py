@@ -10,10 +10,30 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
+
+SDPA_BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+CPU_SDPA_BACKENDS = ("math", "flash")
+
+
+def sdpa_backends(name: str, device: torch.device) -> list[SDPBackend]:
+    """`--sdpa-backend` -> the backends `sdpa_kernel` may pick from ('auto': all of them)."""
+    if name == "auto":
+        return list(SDPA_BACKENDS.values())
+    if name not in SDPA_BACKENDS:
+        raise ParameterError(f"sdpa backend {name!r} is unknown; choose auto, {', '.join(SDPA_BACKENDS)}")
+    if device.type == "cpu" and name not in CPU_SDPA_BACKENDS:
+        raise ParameterError(f"sdpa backend {name!r} needs CUDA; on CPU choose auto, math or flash")
+    return [SDPA_BACKENDS[name]]
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +56,30 @@ class GenerationResult:
 
 class IncrementalDetokenizer:
     """Turns a growing token list into text deltas, holding back incomplete UTF-8 sequences and any
-    tail that could still become a stop string."""
+    tail that could still become a stop string.
+
+    Each step decodes only the tokens since the last complete boundary (`_start`), and takes the
+    text beyond what the same window decoded to before (`_prev`), so the cost per token stays flat
+    and context-dependent decoding (e.g. sentencepiece's leading space) stays right."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
         self.ids: list[int] = []
-        self.text = ""  # full decoded text so far (complete characters only)
+        self.text = ""  # decoded text so far (complete characters only; cut at a stop string)
         self.emitted = 0
         self.stopped = False
+        self._start, self._prev = 0, ""
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly printable text ('' while a character is incomplete)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        window = self.tokenizer.decode(self.ids[self._start:])
+        if window.endswith("\ufffd"):
             return ""  # a multi-byte character is still incomplete
-        self.text = text
+        self.text += window[len(self._prev):]
+        self._start, self._prev = max(len(self.ids) - 4, self._start), ""
+        if self._start < len(self.ids):  # keep a few tokens of context for the next window
+            self._prev = self.tokenizer.decode(self.ids[self._start:])
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
@@ -76,37 +104,65 @@ class _Row:
 
 
 class Generator:
-    """Generates from a `Transformer` with a static KV cache. `_prefill` and `_decode` are the model
-    calls; fast paths (torch.compile, CUDA graphs) wrap exactly these two."""
+    """Generates from a `Transformer` with a static KV cache.
 
-    def __init__(self, model: nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None):
+    `_prefill_impl` and `_decode_impl` (forward + sampling) are the only model calls; with
+    `compile=True` each runs under `torch.compile(fullgraph=True)`: prefill with a symbolic sequence
+    length (one graph for all prompt lengths), decode with static shapes (one graph for all steps;
+    a CUDA graph on CUDA). Greedy batches take an argmax-only variant of each graph."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None, *,
+                 compile: bool = False, sdpa_backend: str = "auto", max_seq_len: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         if eos_ids is None:
             eos_ids = sorted(tokenizer.eos_ids) if tokenizer is not None else []
         self.eos_ids = set(eos_ids)
         self.cache: StaticKVCache | None = None
+        self.max_seq_len = max_seq_len  # fixed cache length (None: grow in CACHE_LEN_MULTIPLE steps)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         # Floating-point dtype of the cache: the activation dtype (int8 weights still run fp activations).
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
+        self.sdpa_backends = sdpa_backends(sdpa_backend, self.device)
+        self.compiled = compile
+        self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
+        if compile:
+            self._prefill_step = torch.compile(self._prefill_impl, fullgraph=True)
+            # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead).
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_step = torch.compile(self._decode_impl, fullgraph=True, mode=mode)
 
-    # -- model calls -------------------------------------------------------------------------------
-    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
-        return self.model(tokens, positions, cache, last_only=True)[:, -1]
+    # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
+    def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
+                      top_k: Tensor, top_p: Tensor, noise: Tensor | None) -> Tensor:
+        """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy)."""
+        with sdpa_kernel(self.sdpa_backends):
+            logits = self.model(tokens, positions, cache, last_only=True)[:, -1]
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise)
 
-    def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
-        return self.model(tokens, positions, cache)[:, -1]
+    def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
+                     top_k: Tensor, top_p: Tensor, noise: Tensor | None) -> Tensor:
+        """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy)."""
+        with sdpa_kernel(self.sdpa_backends):
+            logits = self.model(tokens, positions, cache)[:, -1]
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise)
 
-    def _sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, noise: Tensor) -> Tensor:
-        return sample(logits, temperature, top_k, top_p, noise)
+    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
+        if tokens.shape[1] == 1:  # a one-token prompt is a decode step: reuse that graph
+            return self._decode_step(tokens, positions, cache, *sampling)
+        if self.compiled:  # one graph for every prompt length: the sequence dim is symbolic
+            torch._dynamo.mark_dynamic(tokens, 1)
+            torch._dynamo.mark_dynamic(positions, 1)
+        return self._prefill_step(tokens, positions, cache, *sampling)
 
     def ensure_cache(self, batch_size: int, seq_len: int) -> StaticKVCache:
         cfg = self.model.config
-        if seq_len > cfg.max_seq_len:
-            raise ParameterError(
-                f"prompt + max_new_tokens = {seq_len} tokens exceeds the model's context length {cfg.max_seq_len}")
-        length = min(cfg.max_seq_len, -(-seq_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+        limit = self.max_seq_len or cfg.max_seq_len
+        if seq_len > limit:
+            raise ParameterError(f"prompt + max_new_tokens = {seq_len} tokens exceeds the "
+                                 f"{'generator' if self.max_seq_len else 'model'}'s context length {limit}")
+        length = self.max_seq_len or min(cfg.max_seq_len, -(-seq_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_seq_len < length:
             self.cache = None  # free the old one first
@@ -153,24 +209,25 @@ class Generator:
 
         t0 = time.perf_counter()
         cache.reset(pad)
-        logits = self._prefill(tokens, positions, cache)
-        next_positions = torch.tensor([len(p) for p in prompts], device=dev)
-        step = 0
+        sampling = (temperature, top_k, top_p)
+
+        def noise() -> Tensor | None:  # Exp(1) draws for the sampler; None selects the argmax-only graph
+            return None if all_greedy else exponential_noise((B, self.model.config.vocab_size), generators, dev)
+
+        next_ids = self._prefill(tokens, positions, cache, *sampling, noise())
+        next_positions = torch.tensor([len(p) for p in prompts], device=dev)[:, None]
         t_first = None
         while True:
-            noise = (torch.ones_like(logits, dtype=torch.float32) if all_greedy
-                     else exponential_noise(tuple(logits.shape), generators, dev))
-            next_ids = self._sample(logits, temperature, top_k, top_p, noise)
-            ids_host = next_ids.tolist()
+            ids_host = next_ids.tolist()  # the one host sync per step: stops and streaming need the ids
             if t_first is None:
                 t_first = time.perf_counter()
-            step += 1
             for i, (r, tok) in enumerate(zip(rows, ids_host)):
                 if not r.done:
                     self._accept(i, r, tok, on_text)
             if all(r.done for r in rows):
                 break
-            logits = self._decode(next_ids[:, None], (next_positions + step - 1)[:, None], cache)
+            next_ids = self._decode_step(next_ids[:, None], next_positions, cache, *sampling, noise())
+            next_positions = next_positions + 1
         t_end = time.perf_counter()
         for r in rows:
             r.result.prefill_s = t_first - t0

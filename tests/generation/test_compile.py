@@ -1,0 +1,76 @@
+"""Compiled generation: zero graph breaks, no recompiles over decode steps and prompt lengths,
+compiled == eager. Tiny model; compile costs ~1 min on 2 cores, so one module-scoped generator."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from fmstack.errors import ParameterError
+from fmstack.generation.generate import Generator, sdpa_backends
+from fmstack.generation.sampling import SamplingParams
+from fmstack.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny-gqa", seed=0).model
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(tiny):
+    """Warm up (compile) on one prompt length, then run 3 other lengths x 20 decode steps with
+    recompiles turned into errors; record graph breaks."""
+    torch._dynamo.reset()
+    counters.clear()
+    gen = Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
+    params = SamplingParams(max_new_tokens=20)
+    gen.generate([[1, 2, 3, 4]], params)  # compiles prefill (dynamic length) and decode
+    warm_graphs = counters["stats"]["unique_graphs"]
+    outs = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (5, 9, 17):
+            prompt = list(range(10, 10 + n))
+            outs[n] = gen.generate([prompt], params)[0].token_ids
+    return dict(outs=outs, graph_breaks=dict(counters["graph_break"]), warm_graphs=warm_graphs,
+                graphs_after=counters["stats"]["unique_graphs"])
+
+
+def test_zero_graph_breaks(compiled_runs):
+    assert compiled_runs["graph_breaks"] == {}
+
+
+def test_no_recompiles_across_steps_and_prompt_lengths(compiled_runs):
+    assert compiled_runs["warm_graphs"] == 2  # prefill + decode
+    assert compiled_runs["graphs_after"] == compiled_runs["warm_graphs"]
+
+
+def test_compiled_tokens_equal_eager(tiny, compiled_runs):
+    eager = Generator(tiny, eos_ids=[], max_seq_len=64)
+    for n, ids in compiled_runs["outs"].items():
+        assert ids == eager.generate([list(range(10, 10 + n))], SamplingParams(max_new_tokens=20))[0].token_ids
+
+
+def test_compiled_logits_equal_eager(tiny):
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny(tokens)
+        got = torch.compile(tiny, fullgraph=True)(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_backend_validation():
+    assert len(sdpa_backends("auto", torch.device("cpu"))) == 4
+    with pytest.raises(ParameterError, match="needs CUDA"):
+        sdpa_backends("efficient", torch.device("cpu"))
+    with pytest.raises(ParameterError, match="unknown"):
+        sdpa_backends("fast", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_cpu_sdpa_backends_give_same_tokens(tiny, backend):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref = Generator(tiny, eos_ids=[]).generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
+    got = Generator(tiny, eos_ids=[], sdpa_backend=backend).generate([prompt], SamplingParams(max_new_tokens=8))
+    assert got[0].token_ids == ref
