@@ -32,6 +32,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="run dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model calls (default: on for CUDA, off for CPU, where a one-off "
+                        "run spends longer compiling than it saves)")
+    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
+                   help="restrict scaled_dot_product_attention to one backend (default auto)")
+    add_quant_args(p)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the projections at load (weight-only; int4 is group-wise)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model named by the common model arguments, loaded (and quantized) as they say."""
+    from fmstack.loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype,
+                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", 32))
+
+
+def want_compile(args: argparse.Namespace) -> bool:
+    """--compile/--no-compile, or the device default (on for CUDA)."""
+    return args.compile if args.compile is not None else args.device.startswith("cuda")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +73,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
@@ -55,11 +81,10 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from fmstack.generation.generate import Generator
     from fmstack.generation.sampling import SamplingParams
-    from fmstack.loading import load_model
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_from_args(args)
     tok = loaded.tokenizer
     if tok is None:
         raise FmstackError(f"--model {args.model}: this model has no tokenizer, so it cannot take a text prompt")
@@ -69,9 +94,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise FmstackError(f"--chat: the model {args.model} has no chat template")
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     prompt_ids = tok.encode(text)
-    gen = Generator(loaded.model, tok)
-    stream = None if args.json else (lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    gen = Generator(loaded.model, tok, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
+    stream = (lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if args.stream else None
     result = gen.generate([prompt_ids], params, on_text=stream)[0]
+    if args.stream:
+        sys.stdout.write("\n")
     if args.json:
         print(json.dumps({
             "model": loaded.source,
@@ -85,9 +112,139 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         }))
     else:
-        sys.stdout.write("\n")
+        if not args.stream:
+            print(result.text)
         log.info("prefill %.3fs, decode %.1f tok/s (%d tokens, %s)", result.prefill_s,
                  result.decode_tokens_per_s, len(result.token_ids), result.finish_reason)
+    return 0
+
+
+def _positive(name: str, value: int | None) -> None:
+    from fmstack.errors import ParameterError
+
+    if value is not None and value <= 0:
+        raise ParameterError(f"{name} {value} is invalid: must be >= 1")
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
+    hs = sub.add_parser("hellaswag", help="HellaSwag zero-shot acc / acc_norm (lm-eval convention)")
+    add_model_args(hs)
+    hs.add_argument("--data", required=True, help="HellaSwag JSONL file (e.g. hellaswag_val.jsonl)")
+    hs.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    hs.add_argument("--batch-size", type=int, default=32, help="rows per forward (default 32)")
+    hs.add_argument("--output", default=None, help="write per-row predictions (JSON lines) here")
+    hs.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    add_model_args(pp)
+    pp.add_argument("--text", required=True, help="UTF-8 text file")
+    pp.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: model context)")
+    pp.add_argument("--stride", type=int, default=None, help="window step in tokens (default: --max-length)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    pp.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+@command("eval", "evaluate a model: hellaswag, perplexity", _configure_eval)
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fmstack.loading import load_model
+
+    _positive("--batch-size", args.batch_size)
+    if args.eval_task == "hellaswag":
+        from fmstack.eval import hellaswag
+
+        _positive("--limit", args.limit)
+        docs = hellaswag.load_docs(args.data, args.limit)
+        loaded = load_from_args(args)
+        compile = args.compile if args.compile is not None else loaded.model.embed.weight.is_cuda
+        result = hellaswag.evaluate(loaded.model, loaded.tokenizer, docs, batch_size=args.batch_size,
+                                    compile=compile, progress=True)
+        if args.output:
+            result.write_predictions(args.output)
+        m = result.metrics
+        out = {"task": "hellaswag", "model": loaded.source, "dtype": args.dtype, **m}
+        fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        print(f"hellaswag  n={m['n']}  acc={fmt(m['acc'])} ± {fmt(m['acc_stderr'])}  "
+              f"acc_norm={fmt(m['acc_norm'])} ± {fmt(m['acc_norm_stderr'])}  "
+              f"({m['rows_per_s']:.2f} rows/s, {m['tokens_per_s']:.0f} tokens/s, {m['seconds']:.1f}s)")
+    else:
+        from fmstack.eval import perplexity
+
+        _positive("--max-length", args.max_length)
+        _positive("--stride", args.stride)
+        text = perplexity.read_text(args.text)
+        loaded = load_from_args(args)
+        m = perplexity.perplexity(loaded.model, loaded.tokenizer, text, max_length=args.max_length,
+                                  stride=args.stride, batch_size=args.batch_size, progress=True).metrics
+        out = {"task": "perplexity", "model": loaded.source, "dtype": args.dtype, **m}
+        print(f"perplexity={m['perplexity']:.4f}  bits_per_byte={m['bits_per_byte']:.4f}  "
+              f"word_perplexity={m['word_perplexity']:.3f}  ({m['tokens']} tokens, {m['windows']} windows, "
+              f"{m['tokens_per_s']:.0f} tokens/s)")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def _bench_module():
+    """`benchmarks.decode` from the source checkout (the benchmarks are not part of the wheel)."""
+    try:
+        from benchmarks import decode
+    except ImportError:
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        if not (root / "benchmarks" / "decode.py").is_file():
+            raise FmstackError("fmstack bench needs a source checkout (benchmarks/decode.py is not here)") from None
+        sys.path.insert(0, str(root))
+        from benchmarks import decode
+    return decode
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    _bench_module().configure(p)
+
+
+@command("bench", "decode/prefill speed benchmark, optionally against HF transformers (--peers hf)",
+         _configure_bench)
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _bench_module().run(args)
+
+
+def _configure_quantize(p: argparse.ArgumentParser) -> None:
+    from fmstack.checkpoints.named import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to quantize (default: {DEFAULT_MODEL})")
+    p.add_argument("--mode", required=True, choices=["int8", "int4", "gptq"],
+                   help="int8 per channel, int4 group-wise round-to-nearest, or gptq (int4, calibrated)")
+    p.add_argument("--group-size", type=int, default=32, help="int4/gptq group size (default 32)")
+    p.add_argument("--calib", default=None, help="gptq: calibration text (.txt) or JSONL (ctx/text fields)")
+    p.add_argument("--calib-samples", type=int, default=128, help="gptq: calibration windows (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="gptq: tokens per window (default 256)")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--out", required=True, help="output directory (safetensors + config + tokenizer)")
+
+
+@command("quantize", "write a weight-quantized checkpoint (int8, int4, gptq)", _configure_quantize)
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from fmstack.checkpoints.native import save_checkpoint
+    from fmstack.loading import load_model
+    from fmstack.quant import QuantSpec, quantize_model
+
+    spec = QuantSpec(args.mode, args.group_size)
+    if args.mode == "gptq" and not args.calib:
+        raise FmstackError("--mode gptq needs --calib FILE (any text; e.g. the HellaSwag dev contexts)")
+    loaded = load_model(args.model)
+    keep: dict = {}
+    if args.mode == "gptq":
+        from fmstack.quant.gptq import calibration_ids, gptq_quantize
+
+        if loaded.tokenizer is None:
+            raise FmstackError(f"--model {args.model} has no tokenizer to read the calibration text with")
+        ids = calibration_ids(loaded.tokenizer, args.calib, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
+        gptq_quantize(loaded.model, ids, spec, act_order=args.act_order, keep=keep)
+    else:
+        quantize_model(loaded.model, spec, keep=keep)
+    out = save_checkpoint(args.out, loaded.model, loaded.tokenizer, quantized=keep, source=loaded.source)
+    log.info("wrote %s (%s)", out, spec.mode)
     return 0
 
 

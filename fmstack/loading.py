@@ -61,11 +61,27 @@ def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: 
     return model
 
 
+def materialize_meta(model: nn.Module, device: torch.device) -> None:
+    """Give every parameter still on the meta device real (uninitialized) storage on `device`."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+
+
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
-               seed: int = 0) -> LoadedModel:
-    """`spec`: a registry name, a checkpoint path (.gguf, HF dir, Meta dir), or `random:<config name>`."""
+               seed: int = 0, quantize: str | None = None, group_size: int = 32) -> LoadedModel:
+    """`spec`: a registry name, a checkpoint path (.gguf, HF dir, Meta dir, fmstack dir), or
+    `random:<config name>`. `quantize` (int8 | int4) quantizes the projections after loading;
+    quantized fmstack checkpoints load their quantized weights directly."""
+    from fmstack.quant import QuantSpec, load_quantized, quantize_model
+
     device = parse_device(device) if isinstance(device, str) else device
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if quantize == "gptq":
+        raise ParameterError("--quantize gptq needs calibration: run `fmstack quantize --mode gptq --out DIR` "
+                             "and load DIR")
+    qspec = QuantSpec(quantize, group_size) if quantize else None
     t0 = time.perf_counter()
     if spec.startswith("random:"):
         config = named_config(spec.split(":", 1)[1])
@@ -88,12 +104,27 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
         if meta:
             for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
                 del meta[key]
-        model = build_model(config, device, dtype)
+        saved_quant = ckpt.metadata.get("quantization") if ckpt.format == "fmstack" else None
+        if saved_quant:
+            if qspec is not None:
+                raise ParameterError(f"--quantize {quantize}: {path} is already quantized ({saved_quant['mode']})")
+            with torch.device("meta"):
+                model = Transformer(config).to(dtype)
+            fetch = ckpt.metadata["quant_tensors"]
+            saved = QuantSpec(saved_quant["mode"], saved_quant.get("group_size") or 32)
+            load_quantized(model, saved, lambda name: {k: v.to(device) for k, v in fetch(name).items()})
+            materialize_meta(model, device)
+            model.tie_weights()
+        else:
+            model = build_model(config, device, dtype)
         load_weights(model, ckpt)
         fmt, spec = ckpt.format, str(path)
+    if qspec is not None:
+        quantize_model(model, qspec)
     model.eval().requires_grad_(False)
     load_s = time.perf_counter() - t0
-    log.info("loaded %s (%s, %s) in %.2fs", spec, fmt, str(dtype).removeprefix("torch."), load_s)
+    log.info("loaded %s (%s, %s%s) in %.2fs", spec, fmt, str(dtype).removeprefix("torch."),
+             f", {qspec.mode}" if qspec else "", load_s)
     return LoadedModel(model, tokenizer, config, spec, fmt, load_s)
 
 

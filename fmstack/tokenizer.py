@@ -82,7 +82,23 @@ class Tokenizer:
         self.__dict__.pop("_template", None)
         return self
 
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer so `load_tokenizer(directory)` rebuilds it: the backend's own file
+        (tokenizer.json or tokenizer.model) plus tokenizer_config.json (special tokens, add_bos,
+        chat template)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._save_backend(d)
+        config = {"add_bos_token": self.add_bos, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": self.id_to_token(self.pad_id) if self.pad_id is not None else None}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
     # -- backend hooks ----------------------------------------------------------------------------
+    def _save_backend(self, directory: Path) -> None:
+        raise NotImplementedError
+
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -169,6 +185,9 @@ class _TokenizersTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids if text else []
 
+    def _save_backend(self, directory: Path) -> None:
+        self.tok.save(str(directory / "tokenizer.json"))
+
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
@@ -202,6 +221,9 @@ class _SentencePieceTokenizer(Tokenizer):
         self._control = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) and sp.id_to_piece(i)}
         names = sorted(self._control, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def _save_backend(self, directory: Path) -> None:
+        (directory / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
 
     def _encode(self, text: str) -> list[int]:
         if self._split is None:

@@ -91,32 +91,36 @@ def rename_tensor(name: str, global_names: dict[str, str], layer_re: re.Pattern,
     return None
 
 
-def _targets(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
-    """Canonical name -> (destination parameter, first row) for a `fmstack.models.llama.Transformer`."""
+def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, ...]]]:
+    """Canonical name -> (destination parameter, first row, canonical shape) for the float weights of
+    a `fmstack.models.llama.Transformer`. Projections already replaced by quantized modules are left out."""
     cfg: ModelConfig = model.config
+    shapes = expected_shapes(cfg)
     out: dict[str, tuple[Tensor, int]] = {
         "tok_embeddings.weight": (model.embed.weight, 0),
         "norm.weight": (model.norm.weight, 0),
     }
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and isinstance(model.output, nn.Linear):
         out["output.weight"] = (model.output.weight, 0)
     for i, block in enumerate(model.layers):
         p = f"layers.{i}."
         attn, mlp = block.attn, block.mlp
         q_rows = attn.n_heads * attn.head_dim
         kv_rows = attn.n_kv_heads * attn.head_dim
-        out.update({
-            p + "attention_norm.weight": (block.attn_norm.weight, 0),
-            p + "ffn_norm.weight": (block.mlp_norm.weight, 0),
-            p + "attention.wq.weight": (attn.wqkv.weight, 0),
-            p + "attention.wk.weight": (attn.wqkv.weight, q_rows),
-            p + "attention.wv.weight": (attn.wqkv.weight, q_rows + kv_rows),
-            p + "attention.wo.weight": (attn.wo.weight, 0),
-            p + "feed_forward.w1.weight": (mlp.w_gate_up.weight, 0),
-            p + "feed_forward.w3.weight": (mlp.w_gate_up.weight, mlp.ffn_dim),
-            p + "feed_forward.w2.weight": (mlp.w_down.weight, 0),
-        })
-    return out
+        out[p + "attention_norm.weight"] = (block.attn_norm.weight, 0)
+        out[p + "ffn_norm.weight"] = (block.mlp_norm.weight, 0)
+        if isinstance(attn.wqkv, nn.Linear):
+            out[p + "attention.wq.weight"] = (attn.wqkv.weight, 0)
+            out[p + "attention.wk.weight"] = (attn.wqkv.weight, q_rows)
+            out[p + "attention.wv.weight"] = (attn.wqkv.weight, q_rows + kv_rows)
+        if isinstance(attn.wo, nn.Linear):
+            out[p + "attention.wo.weight"] = (attn.wo.weight, 0)
+        if isinstance(mlp.w_gate_up, nn.Linear):
+            out[p + "feed_forward.w1.weight"] = (mlp.w_gate_up.weight, 0)
+            out[p + "feed_forward.w3.weight"] = (mlp.w_gate_up.weight, mlp.ffn_dim)
+        if isinstance(mlp.w_down, nn.Linear):
+            out[p + "feed_forward.w2.weight"] = (mlp.w_down.weight, 0)
+    return {name: (dest, row, shapes[name]) for name, (dest, row) in out.items()}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -148,8 +152,7 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
     """Stream the checkpoint's tensors into `model` (already materialized), casting to each
     parameter's dtype/device; one source tensor alive at a time. Raises CheckpointError on a
     shape mismatch (name, expected, found), an unknown tensor, or missing tensors."""
-    targets = _targets(model)
-    shapes = expected_shapes(model.config)
+    targets = float_targets(model)
     seen: set[str] = set()
     for name, tensor in checkpoint.tensors(set(targets)):
         if name == "output.weight" and model.config.tie_embeddings:
@@ -159,12 +162,11 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
                 raise CheckpointError(f"{checkpoint.path}: tensor {name} is beyond n_layers={model.config.n_layers}")
             log.debug("skipping tensor %s not used by the model", name)
             continue
-        expected = shapes[name]
+        dest, row, expected = targets[name]
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}"
             )
-        dest, row = targets[name]
         dest[row:row + expected[0]].copy_(tensor)
         seen.add(name)
         del tensor

@@ -139,7 +139,7 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the output projection with the embedding when the config says so (call after to_empty)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.embed.weight
 
     @torch.no_grad()

@@ -1,0 +1,129 @@
+"""Weight-only quantization: error bounds, packing, kernels vs a dequantized reference (this torch
+version's native op and the fallback), quantized tiny models, save/load, clear errors."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fmstack.errors import ParameterError
+from fmstack.loading import load_model
+from fmstack.quant import QuantSpec, quantize_model, rtn_portable
+from fmstack.quant import ops
+from fmstack.quant.linear import Int4Linear, Int8Linear, dequantize_int4, int4_params, quantize_int4_with, quantize_int8
+
+g = torch.Generator().manual_seed(0)
+W = torch.randn(96, 128, generator=g)
+X = torch.randn(5, 128, generator=g)
+
+
+def test_int8_error_bound():
+    q, s = quantize_int8(W)
+    assert q.dtype == torch.int8 and s.shape == (96,)
+    assert ((q.float() * s[:, None] - W).abs() <= s[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_error_bound(group):
+    scales, zeros = int4_params(W, group)
+    q = quantize_int4_with(W, scales, zeros, group)
+    assert q.min() >= 0 and q.max() <= 15
+    err = (dequantize_int4(q, scales, zeros, group) - W).abs().reshape(96, -1, group)
+    assert (err <= scales[..., None] / 2 + 1e-5).all()
+
+
+def test_pack_unpack_roundtrip():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    packed = ops.pack_uint4(q)
+    assert packed.shape == (8, 32) and torch.equal(ops.unpack_uint4(packed), q)
+
+
+def test_int8_kernel_matches_reference():
+    q, s = quantize_int8(W)
+    got = Int8Linear.from_portable(q, s, torch.float32)(X)
+    torch.testing.assert_close(got, X @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_kernel_matches_reference(monkeypatch, native, group):
+    """The native packer/matmul of this torch version (or the dequantize fallback) computes x @ deq(W).T."""
+    if not native:
+        monkeypatch.setattr(ops, "has_native_int4", lambda device: False)
+    t = rtn_portable(W, QuantSpec("int4", group))
+    lin = Int4Linear.from_portable(t["qweight"], t["scales"], t["zeros"], group, torch.float32)
+    deq = dequantize_int4(ops.unpack_uint4(t["qweight"]), t["scales"], t["zeros"], group)
+    torch.testing.assert_close(lin(X), X @ deq.T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny-gqa", seed=0).model
+
+
+@pytest.mark.parametrize("spec, tol", [(QuantSpec("int8"), 0.02), (QuantSpec("int4", 32), 0.15)])
+def test_quantized_tiny_model_close_to_float(tiny, spec, tol):
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = tiny(tokens)
+        q = quantize_model(copy.deepcopy(tiny), spec)
+        out = q(tokens)
+    assert isinstance(q.layers[0].attn.wqkv, Int8Linear if spec.bits == 8 else Int4Linear)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < tol, rel
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_save_and_load_quantized_checkpoint(tiny, tmp_path, mode):
+    from fmstack.checkpoints.native import save_checkpoint
+
+    spec, keep = QuantSpec(mode, 32), {}
+    q = quantize_model(copy.deepcopy(tiny), spec, keep=keep)
+    save_checkpoint(tmp_path, q, quantized=keep, source="random:tiny-gqa")
+    loaded = load_model(str(tmp_path))
+    assert loaded.format == "fmstack" and loaded.model.quant_spec == spec
+    assert not any(p.is_meta for p in loaded.model.parameters())
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), q(tokens))
+
+
+def test_float_fmstack_checkpoint_roundtrip(tiny, tmp_path):
+    from fmstack.checkpoints.native import save_checkpoint
+
+    save_checkpoint(tmp_path, tiny)
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path)).model(tokens), tiny(tokens))
+
+
+def test_unsupported_group_size():
+    with pytest.raises(ParameterError, match="--group-size 48 is not supported"):
+        QuantSpec("int4", 48)
+
+
+def test_group_size_must_divide_width(tiny):
+    with pytest.raises(ParameterError, match="does not divide the input width 64 of layers.0.attn.wqkv"):
+        quantize_model(copy.deepcopy(tiny), QuantSpec("int4", 128))
+
+
+def test_quantize_errors_at_load(tmp_path):
+    with pytest.raises(ParameterError, match="calibration"):
+        load_model("random:tiny-gqa", quantize="gptq")
+    with pytest.raises(ParameterError, match="mode 'int3'"):
+        load_model("random:tiny-gqa", quantize="int3")
+
+
+def test_cli_quantize_then_load(tmp_path):
+    out = tmp_path / "q8"
+    proc = subprocess.run([sys.executable, "-m", "fmstack", "quantize", "--model", "random:tiny-mha", "--mode", "int8",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert load_model(str(out)).model.quant_spec == QuantSpec("int8")
+    proc = subprocess.run([sys.executable, "-m", "fmstack", "quantize", "--model", "random:tiny-mha", "--mode", "int4",
+                           "--group-size", "128", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "does not divide" in proc.stderr and "Traceback" not in proc.stderr
