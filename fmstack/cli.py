@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "run spends longer compiling than it saves)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
                    help="restrict scaled_dot_product_attention to one backend (default auto)")
+    p.add_argument("--parallel", default="none", choices=["none", "tp", "pp"],
+                   help="split the model over the ranks of a torchrun job: tp (tensor parallel) or pp "
+                        "(pipeline parallel); launch with torchrun --nproc-per-node N -m fmstack ...")
     add_quant_args(p)
 
 
@@ -51,7 +54,8 @@ def load_from_args(args: argparse.Namespace):
     from fmstack.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype,
-                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", 32))
+                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", 32),
+                      parallel=getattr(args, "parallel", None))
 
 
 def want_compile(args: argparse.Namespace) -> bool:
@@ -75,6 +79,42 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    add_speculative_args(p)
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", default=None,
+                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round")
+    g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="draft with a quantized copy of the target (or of --draft-model when given)")
+    g.add_argument("--speculate-k", type=int, default=None,
+                   help="draft tokens proposed per round, 1..16 (default 4 when a draft is set)")
+
+
+def check_speculative_args(args: argparse.Namespace) -> None:
+    from fmstack.errors import ParameterError
+    from fmstack.generation.speculative import MAX_SPECULATE_K
+
+    has_draft = args.draft_model is not None or args.draft_quantize is not None
+    if args.speculate_k is not None and not has_draft:
+        raise ParameterError("--speculate-k needs a draft: pass --draft-model M and/or --draft-quantize int8|int4")
+    if args.speculate_k is not None and not 1 <= args.speculate_k <= MAX_SPECULATE_K:
+        raise ParameterError(f"--speculate-k {args.speculate_k} is invalid: must be in [1, {MAX_SPECULATE_K}]")
+    if has_draft and getattr(args, "parallel", "none") not in (None, "none"):
+        raise ParameterError("--draft-model/--draft-quantize cannot be combined with --parallel")
+
+
+def load_draft(args: argparse.Namespace, target):
+    """The draft model for --draft-model/--draft-quantize, or None when speculative decoding is off."""
+    from fmstack.errors import ParameterError
+    from fmstack.loading import load_model
+
+    if args.draft_model is None and args.draft_quantize is None:
+        return None
+    spec = args.draft_model or args.model
+    return load_model(spec, device=args.device, dtype=args.dtype, quantize=args.draft_quantize,
+                      group_size=args.group_size)
 
 
 @command("generate", "generate text from a prompt", _configure_generate)
@@ -84,6 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    check_speculative_args(args)
     loaded = load_from_args(args)
     tok = loaded.tokenizer
     if tok is None:
@@ -96,7 +137,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = tok.encode(text)
     gen = Generator(loaded.model, tok, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
     stream = (lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if args.stream else None
-    result = gen.generate([prompt_ids], params, on_text=stream)[0]
+    draft = load_draft(args, loaded)
+    if draft is not None:
+        from fmstack.generation.speculative import SpeculativeGenerator
+
+        draft_gen = Generator(draft.model, draft.tokenizer, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
+        k = 4 if args.speculate_k is None else args.speculate_k
+        result = SpeculativeGenerator(gen, draft_gen, k).generate(prompt_ids, params, on_text=stream)
+    else:
+        result = gen.generate([prompt_ids], params, on_text=stream)[0]
     if args.stream:
         sys.stdout.write("\n")
     if args.json:
@@ -110,12 +159,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "prefill_s": round(result.prefill_s, 4),
             "decode_s": round(result.decode_s, 4),
             "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            **({"draft_model": draft.source, "draft_quantize": args.draft_quantize, "speculate_k": k,
+                "acceptance_rate": round(result.acceptance_rate, 4),
+                "mean_accepted": round(result.mean_accepted, 4)} if draft is not None else {}),
         }))
     else:
         if not args.stream:
             print(result.text)
         log.info("prefill %.3fs, decode %.1f tok/s (%d tokens, %s)", result.prefill_s,
                  result.decode_tokens_per_s, len(result.token_ids), result.finish_reason)
+        if draft is not None:
+            log.info("speculative k=%d: acceptance %.1f%%, %.2f draft tokens accepted per round", k,
+                     100 * result.acceptance_rate, result.mean_accepted)
     return 0
 
 
@@ -155,9 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _positive("--limit", args.limit)
         docs = hellaswag.load_docs(args.data, args.limit)
         loaded = load_from_args(args)
-        compile = args.compile if args.compile is not None else loaded.model.embed.weight.is_cuda
         result = hellaswag.evaluate(loaded.model, loaded.tokenizer, docs, batch_size=args.batch_size,
-                                    compile=compile, progress=True)
+                                    compile=want_compile(args), progress=True)
         if args.output:
             result.write_predictions(args.output)
         m = result.metrics
@@ -184,29 +238,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_module():
-    """`benchmarks.decode` from the source checkout (the benchmarks are not part of the wheel)."""
-    try:
-        from benchmarks import decode
-    except ImportError:
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parents[1]
-        if not (root / "benchmarks" / "decode.py").is_file():
-            raise FmstackError("fmstack bench needs a source checkout (benchmarks/decode.py is not here)") from None
-        sys.path.insert(0, str(root))
-        from benchmarks import decode
-    return decode
-
-
 def _configure_bench(p: argparse.ArgumentParser) -> None:
-    _bench_module().configure(p)
+    from fmstack import bench
+
+    bench.configure(p)
 
 
 @command("bench", "decode/prefill speed benchmark, optionally against HF transformers (--peers hf)",
          _configure_bench)
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _bench_module().run(args)
+    from fmstack import bench
+
+    return bench.run(args)
 
 
 def _configure_quantize(p: argparse.ArgumentParser) -> None:
@@ -263,11 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    parallel = getattr(args, "parallel", "none") not in (None, "none")
+    prog = "fmstack"
+    if parallel:  # torchrun: rank 0 alone prints; the others log warnings and errors only
+        from fmstack.parallel import dist
+
+        prog, level = dist.setup_rank_output(prog, level)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
-        return args.run(args)
+        rc = args.run(args)
+        if parallel:
+            dist.shutdown()
+        return rc
     except FmstackError as e:
-        print(f"fmstack: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        msg = dist.failure_message(e) if parallel else None
+        if msg is None:
+            raise
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 3
+    finally:
+        if parallel:  # reported (or done): a SIGTERM from torchrun now just ends the process
+            dist.restore_sigterm()

@@ -70,10 +70,32 @@ def materialize_meta(model: nn.Module, device: torch.device) -> None:
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
-               seed: int = 0, quantize: str | None = None, group_size: int = 32) -> LoadedModel:
+               seed: int = 0, quantize: str | None = None, group_size: int = 32,
+               parallel: str | None = None) -> LoadedModel:
     """`spec`: a registry name, a checkpoint path (.gguf, HF dir, Meta dir, fmstack dir), or
     `random:<config name>`. `quantize` (int8 | int4) quantizes the projections after loading;
-    quantized fmstack checkpoints load their quantized weights directly."""
+    quantized fmstack checkpoints load their quantized weights directly. `parallel` (tp | pp, under
+    torchrun) joins the process group and loads only this rank's part (see `fmstack.parallel`);
+    an error on any rank fails every rank."""
+    if parallel in (None, "none"):
+        return _load(spec, device, dtype, seed, quantize, group_size)
+    from fmstack.parallel import dist, make_plan
+
+    info = dist.init_distributed(parse_device(device) if isinstance(device, str) else device)
+    loaded, error = None, None
+    try:
+        plan = make_plan(parallel, info)
+        loaded = _load(spec, info.device, dtype, seed, quantize, group_size, plan)
+        dist.fault_point("load")
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = e
+    dist.fail_together(error)
+    loaded.model = plan.finish(loaded.model).eval().requires_grad_(False)
+    return loaded
+
+
+def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size: int, plan=None) -> LoadedModel:
+    """`load_model` for one process; `plan` builds and slices this rank's part of the model."""
     from fmstack.quant import QuantSpec, load_quantized, quantize_model
 
     device = parse_device(device) if isinstance(device, str) else device
@@ -85,11 +107,18 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     t0 = time.perf_counter()
     if spec.startswith("random:"):
         config = named_config(spec.split(":", 1)[1])
-        model = build_model(config, device, dtype)
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        model.init_weights(generator=g)
         tokenizer, fmt = None, "random"
+        if plan is None:
+            model = build_model(config, device, dtype)
+            g = torch.Generator(device=device)
+            g.manual_seed(seed)
+            model.init_weights(generator=g)
+        else:  # each rank draws the same full tensors, keeps its part
+            from fmstack.checkpoints import load_weights
+            from fmstack.parallel import random_checkpoint
+
+            model = plan.build(config, device, dtype)
+            load_weights(model, random_checkpoint(config, seed), plan.slice_for)
     else:
         from fmstack.checkpoints import load_weights, open_checkpoint
         from fmstack.checkpoints.named import resolve_model_path
@@ -106,6 +135,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
                 del meta[key]
         saved_quant = ckpt.metadata.get("quantization") if ckpt.format == "fmstack" else None
         if saved_quant:
+            if plan is not None:
+                raise ParameterError(f"--parallel: {path} is already quantized; load the float checkpoint "
+                                     "with --quantize instead (each rank quantizes its shard)")
             if qspec is not None:
                 raise ParameterError(f"--quantize {quantize}: {path} is already quantized ({saved_quant['mode']})")
             with torch.device("meta"):
@@ -116,11 +148,12 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
             materialize_meta(model, device)
             model.tie_weights()
         else:
-            model = build_model(config, device, dtype)
-        load_weights(model, ckpt)
+            model = plan.build(config, device, dtype) if plan else build_model(config, device, dtype)
+        load_weights(model, ckpt, plan.slice_for if plan else None)
         fmt, spec = ckpt.format, str(path)
     if qspec is not None:
-        quantize_model(model, qspec)
+        portable_for = getattr(plan, "portable_for", None)  # tensor parallel: whole-row int8 scales
+        quantize_model(model, qspec, portable_for=portable_for(qspec) if portable_for else None)
     model.eval().requires_grad_(False)
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s, %s%s) in %.2fs", spec, fmt, str(dtype).removeprefix("torch."),

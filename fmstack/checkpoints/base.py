@@ -93,7 +93,8 @@ def rename_tensor(name: str, global_names: dict[str, str], layer_re: re.Pattern,
 
 def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, ...]]]:
     """Canonical name -> (destination parameter, first row, canonical shape) for the float weights of
-    a `fmstack.models.llama.Transformer`. Projections already replaced by quantized modules are left out."""
+    a `fmstack.models.llama.Transformer`. Projections already replaced by quantized modules are left out.
+    Layer names use each block's own (global) index, so a pipeline stage holding some layers maps right."""
     cfg: ModelConfig = model.config
     shapes = expected_shapes(cfg)
     out: dict[str, tuple[Tensor, int]] = {
@@ -102,9 +103,9 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
     }
     if not cfg.tie_embeddings and isinstance(model.output, nn.Linear):
         out["output.weight"] = (model.output.weight, 0)
-    for i, block in enumerate(model.layers):
-        p = f"layers.{i}."
+    for block in model.layers:
         attn, mlp = block.attn, block.mlp
+        p = f"layers.{attn.layer}."
         q_rows = attn.n_heads * attn.head_dim
         kv_rows = attn.n_kv_heads * attn.head_dim
         out[p + "attention_norm.weight"] = (block.attn_norm.weight, 0)
@@ -148,11 +149,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+def load_weights(model: nn.Module, checkpoint: Checkpoint,
+                 slice_for: Callable[[str, Tensor], Tensor] | None = None) -> None:
     """Stream the checkpoint's tensors into `model` (already materialized), casting to each
     parameter's dtype/device; one source tensor alive at a time. Raises CheckpointError on a
-    shape mismatch (name, expected, found), an unknown tensor, or missing tensors."""
-    targets = float_targets(model)
+    shape mismatch (name, expected, found), an unknown tensor, or missing tensors.
+
+    Parallel ranks: parameters left on the meta device are not this rank's and are not read, and
+    `slice_for(name, full_tensor)` returns the part of a canonical tensor this rank keeps (its rows
+    go at the destination's first row)."""
+    targets = {n: t for n, t in float_targets(model).items() if not t[0].is_meta}
     seen: set[str] = set()
     for name, tensor in checkpoint.tensors(set(targets)):
         if name == "output.weight" and model.config.tie_embeddings:
@@ -167,9 +173,10 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
             raise CheckpointError(
                 f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected}"
             )
-        dest[row:row + expected[0]].copy_(tensor)
+        part = slice_for(name, tensor) if slice_for is not None else tensor
+        dest[row:row + part.shape[0]].copy_(part)
         seen.add(name)
-        del tensor
+        del tensor, part
     missing = sorted(set(targets) - seen)
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""

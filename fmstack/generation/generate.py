@@ -125,6 +125,9 @@ class Generator:
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
         self.sdpa_backends = sdpa_backends(sdpa_backend, self.device)
+        if compile and hasattr(model, "compile_stage"):  # pipeline stage: send/recv cannot be traced,
+            model.compile_stage()  # so it compiles its own layers instead
+            compile = False
         self.compiled = compile
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
         if compile:
@@ -132,6 +135,10 @@ class Generator:
             # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead).
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode_step = torch.compile(self._decode_impl, fullgraph=True, mode=mode)
+        self._logits_one = self._logits_many = self._logits_impl
+        if compile:  # T == 1 gets a static graph, T > 1 one with a symbolic length
+            self._logits_one = torch.compile(self._logits_impl, fullgraph=True)
+            self._logits_many = torch.compile(self._logits_impl, fullgraph=True)
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
     def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
@@ -147,6 +154,20 @@ class Generator:
         with sdpa_kernel(self.sdpa_backends):
             logits = self.model(tokens, positions, cache)[:, -1]
         return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise)
+
+    def _logits_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
+        with sdpa_kernel(self.sdpa_backends):
+            return self.model(tokens, positions, cache)
+
+    def logits(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
+        """Raw forward through the cache: tokens/positions `[B, T]` -> logits `[B, T, V]` (compiled
+        when the generator is). Used where whole distributions are needed (speculative decoding)."""
+        if tokens.shape[1] == 1:
+            return self._logits_one(tokens, positions, cache)
+        if self.compiled:
+            torch._dynamo.mark_dynamic(tokens, 1)
+            torch._dynamo.mark_dynamic(positions, 1)
+        return self._logits_many(tokens, positions, cache)
 
     def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
         if tokens.shape[1] == 1:  # a one-token prompt is a decode step: reuse that graph
@@ -166,8 +187,9 @@ class Generator:
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_seq_len < length:
             self.cache = None  # free the old one first
-            self.cache = StaticKVCache(cfg, batch_size, length, dtype=self.dtype, device=self.device,
-                                       n_kv_heads=self.model.layers[0].attn.n_kv_heads)
+            kw = dict(dtype=self.dtype, device=self.device, n_kv_heads=self.model.layers[0].attn.n_kv_heads)
+            make = getattr(self.model, "make_cache", None)  # a pipeline stage caches only its own layers
+            self.cache = make(batch_size, length, **kw) if make else StaticKVCache(cfg, batch_size, length, **kw)
         return self.cache
 
     # -- generation --------------------------------------------------------------------------------

@@ -59,14 +59,11 @@ def sampling_tensors(params: list[SamplingParams], device: torch.device | str) -
     return temperature, top_k, top_p
 
 
-def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, noise: Tensor) -> Tensor:
-    """logits `[B, V]`, per-row params `[B]`, noise `[B, V]` ~ Exp(1) -> token ids `[B]` (int64).
-
-    Rows with temperature 0 take the argmax. Top-k keeps the k highest logits; top-p then keeps the
-    smallest prefix of the sorted distribution whose mass reaches p (always at least one token).
-    """
+def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """The sampling distribution `[B, V]` (fp32): softmax(logits / T) restricted to the top-k tokens,
+    then to the smallest prefix of the sorted distribution whose mass reaches top_p (at least one
+    token), renormalised. Rows with temperature 0 get a one-hot on the argmax."""
     logits = logits.float()
-    greedy_ids = logits.argmax(dim=-1)
     scaled = logits / temperature.clamp_min(1e-5)[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)
@@ -76,9 +73,24 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
     mass_before = probs.cumsum(dim=-1) - probs
     drop = drop | (mass_before >= top_p[:, None])
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    choice = (probs / noise).argmax(dim=-1, keepdim=True)
-    sampled_ids = order.gather(-1, choice).squeeze(-1)
-    return torch.where(temperature == 0, greedy_ids, sampled_ids)
+    probs = torch.zeros_like(probs).scatter_(-1, order, probs)
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+    return torch.where((temperature == 0)[:, None], one_hot, probs)
+
+
+def draw(probs: Tensor, noise: Tensor) -> Tensor:
+    """One token per row from `probs [B, V]` with Exp(1) `noise [B, V]`: argmax p_i / E_i (exponential race)."""
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, noise: Tensor) -> Tensor:
+    """logits `[B, V]`, per-row params `[B]`, noise `[B, V]` ~ Exp(1) -> token ids `[B]` (int64).
+
+    Rows with temperature 0 take the argmax. Top-k keeps the k highest logits; top-p then keeps the
+    smallest prefix of the sorted distribution whose mass reaches p (always at least one token).
+    """
+    sampled = draw(filtered_probs(logits, temperature, top_k, top_p), noise)
+    return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
 
 
 def exponential_noise(shape: tuple[int, ...], generators: list[torch.Generator | None],

@@ -1,0 +1,102 @@
+"""torch.compile settings for the generation model calls (decode, prefill).
+
+On CPU, batch-1 decode is a chain of matrix-vector products and is bound by reading the weights
+once per token. `torch.compile` by default sends every `x @ W.T` to the BLAS library (MKL's sgemv),
+which on the AMD EPYC machines we measured streams weights at roughly a third of the memory
+bandwidth (see `benchmarks/cpu_gemv_study.py`). `compile_decode` instead has Inductor lower
+every matmul with at most `gemv_max_rows` rows to `(x[:, :, None] * W.T[None]).sum(1)`, which it
+emits as one vectorized streaming reduction over each weight row, and runs the graph's wrapper in
+C++ (`cpp_wrapper`, no Python between the ~250 kernels of a step). Results equal the BLAS ones up
+to float summation order.
+
+CUDA keeps the stock Inductor lowering (`mode="reduce-overhead"`: CUDA graphs).
+
+    step = compile_decode(decode_fn, device)        # what Generator uses for the decode step
+    torch.compile(fn, **compile_kwargs(device))     # the same, spelled out
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 1  # matmuls with up to this many rows become reductions (batch-1 decode)
+
+
+def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Tensor:
+    """`a @ b` for `a [M, K]`, `b [K, N]` (typically `W.T`, a view of `W [N, K]`), written as a
+    product and a sum over K, which Inductor lowers to a vectorized reduction (NotImplemented for
+    M > max_rows, dtypes other than the float ones, or non-CPU tensors: the default lowering then
+    applies). A bf16/fp16 `b` with an fp32 `a` is upconverted inside the reduction."""
+    if (a.device.type != "cpu" or a.dim() != 2 or b.dim() != 2 or not a.dtype.is_floating_point
+            or not b.dtype.is_floating_point):
+        return NotImplemented
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not statically_known_true(a.shape[0] <= max_rows):
+        return NotImplemented
+    acc = torch.promote_types(a.dtype, torch.float32)
+    out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+    return out.to(torch.promote_types(a.dtype, b.dtype))
+
+
+def _cpu_backend(max_rows: int, options: dict[str, Any]) -> Callable:
+    """Inductor with `gemv_as_reduction` as the mm decomposition and `options` as config patches."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    default_mm = select_decomp_table().get(aten.mm.default)
+
+    def mm(a: Tensor, b: Tensor, *args: Any, **kwargs: Any):
+        out = gemv_as_reduction(a, b, max_rows) if not args and not kwargs else NotImplemented
+        if out is NotImplemented and default_mm is not None:
+            return default_mm(a, b, *args, **kwargs)
+        return out
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        decomps = dict(select_decomp_table())
+        decomps[aten.mm.default] = mm
+        # The AOTAutograd cache keys on the graph before decomposition and ignores `decompositions`:
+        # it would hand back the stock (BLAS) build of the same graph. Inductor's own FX graph cache
+        # sees the decomposed graph and stays on.
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=dict(options), decompositions=decomps)
+
+    backend.__name__ = f"inductor_cpu_gemv{max_rows}"
+    return backend
+
+
+def compile_options(device: torch.device | str) -> dict[str, Any]:
+    """Inductor config patches for the decode step on `device` (empty on CUDA)."""
+    if torch.device(device).type != "cpu":
+        return {}
+    return {"cpp_wrapper": True}
+
+
+def compile_kwargs(device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS) -> dict[str, Any]:
+    """`torch.compile` keyword arguments for a static-shape decode step on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"fullgraph": True, "mode": "reduce-overhead"}
+    kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+    if device.type != "cpu":
+        return kw
+    if gemv_max_rows > 0:  # a custom backend takes no `options`: it passes them to compile_fx itself
+        kw["backend"] = _cpu_backend(gemv_max_rows, compile_options(device))
+    else:
+        kw["options"] = compile_options(device)
+    return kw
+
+
+def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS) -> Callable:
+    """`torch.compile(fn)` with the settings this module describes for a decode step on `device`."""
+    kw = compile_kwargs(device, gemv_max_rows)
+    log.debug("compiling %s for %s with %s", getattr(fn, "__name__", fn), device, kw)
+    return torch.compile(fn, **kw)

@@ -1,0 +1,42 @@
+"""`fmstack bench` end to end on a tiny random model: runs, prints the table, writes the JSON
+(fields only; no timing assertions, the machine is shared)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha", "--batch-sizes", "1,2",
+         "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1", "--no-compile", "--threads", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)  # not the repo: the CLI must find benchmarks/
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tok/s" in proc.stdout and "fmstack" in proc.stdout
+    report = json.loads(out.read_text())
+    meta = report["meta"]
+    for key in ("date", "device", "device_name", "torch", "threads", "load_avg_start", "model", "dtype",
+                "prompt_len", "new_tokens", "repeats", "batch_sizes"):
+        assert key in meta, key
+    assert meta["threads"] == 1 and meta["batch_sizes"] == [1, 2] and meta["compile"] is False
+    assert report["systems"]["fmstack"]["weight_bytes"] > 0
+    rows = report["results"]
+    assert [(r["system"], r["batch_size"]) for r in rows] == [("fmstack", 1), ("fmstack", 2)]
+    for r in rows:
+        for key in ("decode_tok_s", "ms_per_step", "prefill_tok_s", "ttft_s", "weight_gb_s"):
+            stats = r[key]
+            assert stats["min"] <= stats["median"] <= stats["max"] and stats["median"] > 0
+            assert len(stats["values"]) == 1
+        assert r["peak_mb"] > 0
+        assert r["ratio_vs_hf_eager"] is None  # no --peers hf
+
+
+def test_bench_rejects_bad_batch_sizes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha",
+                           "--batch-sizes", "1,x", "--no-compile"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--batch-sizes" in proc.stderr and "Traceback" not in proc.stderr
