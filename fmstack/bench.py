@@ -61,7 +61,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-tokens", type=int, default=8,
                    help="tokens of the untimed warm-up run per system and batch size (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--peers", default="", help="comma list of peer systems to run in the same process: hf")
+    p.add_argument("--peers", default="",
+                   help="comma list of peer systems to run in the same process: hf (HF transformers eager, and "
+                        "static cache + compile with --compile), llamacpp (llama-cpp-python on the same GGUF, "
+                        "batch 1; pip install llama-cpp-python)")
+    p.add_argument("--quantize", default="none",
+                   help="comma list of fmstack weight modes, one system each: none, int8, int4 (default none)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
+    p.add_argument("--draft-model", default=None,
+                   help="also run speculative decoding (batch 1) with this draft model; compared with plain "
+                        "decoding of the same target in the same run")
+    p.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="speculative decoding with a quantized copy of the target (or of --draft-model) as draft")
+    p.add_argument("--speculate-k", type=int, default=4, help="draft tokens per round (default 4)")
+    p.add_argument("--prompt", default="random", choices=["random", "text"],
+                   help="prompt tokens: random ids, or a fixed English passage (needs the model's tokenizer; "
+                        "what speculative decoding should be measured on)")
     p.add_argument("--parallel", default="none", choices=["none", "tp", "pp"],
                    help="tensor/pipeline parallel fmstack over a torchrun job's ranks (no peers); rank 0 reports")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -91,6 +106,11 @@ class System:
     generate: Callable[[object, int], Run]
     runs: dict[int, list[Run]] = field(default_factory=dict)
     peak_mem: dict[int, dict[str, float]] = field(default_factory=dict)
+    max_batch: int | None = None  # largest batch size it runs (None: any)
+    extra: dict = field(default_factory=dict)  # per-system figures for the report (e.g. acceptance)
+
+    def runs_batch(self, batch: int) -> bool:
+        return self.max_batch is None or batch <= self.max_batch
 
 
 class Memory:
@@ -181,12 +201,13 @@ def device_name(device) -> str:
 
 # -- systems ---------------------------------------------------------------------------------------
 
-def fmstack_system(args, device, dtype) -> System:
+def fmstack_system(args, device, dtype, quantize: str | None = None) -> System:
     from fmstack.generation.generate import Generator
     from fmstack.generation.sampling import SamplingParams
     from fmstack.loading import load_model, param_bytes
 
-    loaded = load_model(args.model, device=device, dtype=dtype, parallel=getattr(args, "parallel", "none"))
+    loaded = load_model(args.model, device=device, dtype=dtype, parallel=getattr(args, "parallel", "none"),
+                        quantize=quantize, group_size=args.group_size)
     kwargs = {}
     accepts_compile = "compile" in inspect.signature(Generator.__init__).parameters
     if accepts_compile:
@@ -214,7 +235,113 @@ def fmstack_system(args, device, dtype) -> System:
         assert all(len(r.token_ids) == new_tokens for r in res)
         return Run(res[0].prefill_s, res[0].decode_s, new_tokens - 1, len(res))
 
-    return System("fmstack", label, param_bytes(loaded.model), loaded.load_s, loaded.config.vocab_size, generate)
+    name = "fmstack" if quantize is None else f"fmstack-{quantize}"
+    if quantize is not None:
+        label += f" {quantize}" + (f" g{args.group_size}" if quantize == "int4" else "")
+    system = System(name, label, param_bytes(loaded.model), loaded.load_s, loaded.config.vocab_size, generate)
+    system.extra["generator"] = gen
+    system.extra["tokenizer"] = loaded.tokenizer
+    return system
+
+
+def speculative_system(args, device, dtype, target: System) -> System:
+    """Speculative decoding (batch 1) of the plain fmstack target with --draft-model/--draft-quantize."""
+    from fmstack.generation.generate import Generator
+    from fmstack.generation.sampling import SamplingParams
+    from fmstack.generation.speculative import SpeculativeGenerator
+    from fmstack.loading import load_model, param_bytes
+
+    draft = load_model(args.draft_model or args.model, device=device, dtype=dtype, quantize=args.draft_quantize,
+                       group_size=args.group_size)
+    tgt_gen = target.extra["generator"]
+    dgen = Generator(draft.model, None, eos_ids=[], compile=args.compile)
+    tgt_gen.tokenizer, dgen.tokenizer = target.extra["tokenizer"], draft.tokenizer  # for the tokenizer check
+    spec = SpeculativeGenerator(tgt_gen, dgen, args.speculate_k)
+    tgt_gen.tokenizer = dgen.tokenizer = None  # no detokenization in the timed loop
+    counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+
+    def generate(prompts, new_tokens: int) -> Run:
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        _sync(device)
+        res = spec.generate(prompts[0].tolist(), params)
+        _sync(device)
+        assert len(res.token_ids) == new_tokens
+        for k in counts:
+            counts[k] += getattr(res, k)
+        return Run(res.prefill_s, res.decode_s, new_tokens - 1, 1)
+
+    draft_name = (args.draft_model or "target") + (f" {args.draft_quantize}" if args.draft_quantize else "")
+    system = System("fmstack-spec", f"fmstack speculative, k={args.speculate_k}, draft {draft_name}",
+                    param_bytes(draft.model), draft.load_s, target.vocab_size, generate, max_batch=1)
+    system.extra["counts"] = counts
+    return system
+
+
+def llamacpp_system(args, device) -> System | None:
+    """llama-cpp-python on the same GGUF (batch 1, greedy, args.threads threads)."""
+    from fmstack.errors import FmstackError
+
+    if device.type != "cpu":
+        raise FmstackError("--peers llamacpp runs on the CPU only here: use --device cpu")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FmstackError("--peers llamacpp needs llama-cpp-python: pip install llama-cpp-python "
+                           "(builds llama.cpp from source, several minutes)") from None
+    src = hf_source(args.model)
+    if src is None or "gguf_file" not in src[1]:
+        log.warning("--peers llamacpp: %s is not a GGUF file; no llama.cpp peer", args.model)
+        return None
+    path = str(Path(src[0]) / src[1]["gguf_file"])
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.new_tokens + 16, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def generate(prompts, new_tokens: int) -> Run:
+        tokens = prompts[0].tolist()
+        llm.reset()
+        t0 = time.perf_counter()
+        t1, n = None, 0
+        for _tok in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if t1 is None:
+                t1 = time.perf_counter()
+            if n == new_tokens:
+                break
+        t2 = time.perf_counter()
+        return Run(t1 - t0, t2 - t1, new_tokens - 1, 1)
+
+    size = Path(path).stat().st_size
+    return System("llama.cpp", f"llama-cpp-python {llama_cpp.__version__} ({Path(path).name})", size, load_s,
+                  llm.n_vocab(), generate, max_batch=1)
+
+
+TEXT_PROMPT = (
+    "The history of the lighthouse begins in the ancient world, where fires burned on hilltops to guide "
+    "ships home at night. The most famous of these early towers stood on the island of Pharos, near the "
+    "harbour of Alexandria, and for centuries it was counted among the wonders of the world. Later builders "
+    "in Europe raised stone towers along dangerous coasts, and keepers climbed the stairs every evening to "
+    "trim the wicks and polish the lenses. "
+)
+
+
+def prompt_tokens(kind: str, tokenizer, batch: int, length: int, vocab: int, generator):
+    """`[batch, length]` int64 prompt ids: random ids, or TEXT_PROMPT's tokens repeated (needs a tokenizer)."""
+    import torch
+
+    from fmstack.errors import ParameterError
+
+    if kind == "random":
+        return torch.randint(0, vocab, (batch, length), generator=generator)
+    if tokenizer is None:
+        raise ParameterError("--prompt text needs a model with a tokenizer (random: models have none)")
+    ids = tokenizer.encode(TEXT_PROMPT, add_bos=False)
+    ids = (ids * (length // len(ids) + 1))[:length]
+    return torch.tensor([ids] * batch)
 
 
 def hf_source(model_spec: str) -> tuple[str, dict] | None:
@@ -330,8 +457,18 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_len < 1 or args.repeats < 1:
         raise ParameterError("--prompt-len and --repeats must be >= 1")
     peers = {p.strip() for p in args.peers.split(",") if p.strip()}
-    if peers - {"hf"}:
-        raise ParameterError(f"--peers: unknown peer(s) {sorted(peers - {'hf'})}; known: hf")
+    if peers - {"hf", "llamacpp"}:
+        raise ParameterError(f"--peers: unknown peer(s) {sorted(peers - {'hf', 'llamacpp'})}; known: hf, llamacpp")
+    modes = [m.strip() for m in str(args.quantize).split(",") if m.strip()]
+    if not modes or set(modes) - {"none", "int8", "int4"} or len(set(modes)) != len(modes):
+        raise ParameterError(f"--quantize {args.quantize!r}: expected a comma list of distinct modes from "
+                             "none, int8, int4")
+    speculative = args.draft_model is not None or args.draft_quantize is not None
+    if speculative and "none" not in modes:
+        raise ParameterError("--draft-model/--draft-quantize: the speculative target is the unquantized model; "
+                             "include 'none' in --quantize")
+    if not 1 <= args.speculate_k <= 16:
+        raise ParameterError(f"--speculate-k {args.speculate_k} is invalid: must be in [1, 16]")
     parallel = getattr(args, "parallel", "none")
     if peers and parallel != "none":
         raise ParameterError("--peers cannot be combined with --parallel")
@@ -342,7 +479,13 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    systems = [fmstack_system(args, device, dtype)]
+    systems = [fmstack_system(args, device, dtype, None if m == "none" else m) for m in modes]
+    if speculative:
+        systems.append(speculative_system(args, device, dtype, systems[modes.index("none")]))
+    if "llamacpp" in peers:
+        peer = llamacpp_system(args, device)
+        if peer is not None:
+            systems.append(peer)
     vocab = None  # the HF model's, when there is one
     max_len = args.prompt_len + args.new_tokens
     if "hf" in peers:
@@ -359,16 +502,21 @@ def run(args: argparse.Namespace) -> int:
     mem = Memory(device)
     g = torch.Generator().manual_seed(args.seed)
     for B in batch_sizes:
-        prompts = torch.randint(0, gen_vocab, (B, args.prompt_len), generator=g).to(device)
-        for s in systems:  # warm-up: compiles this batch size's graphs, faults in the caches
+        prompts = prompt_tokens(args.prompt, systems[0].extra.get("tokenizer"), B, args.prompt_len, gen_vocab,
+                                g).to(device)
+        active = [s for s in systems if s.runs_batch(B)]
+        for s in active:  # warm-up: compiles this batch size's graphs, faults in the caches
             log.info("warm-up %s batch %d", s.name, B)
             s.generate(prompts, max(2, min(args.warmup_tokens, args.new_tokens)))
-        for s in systems:
+        for s in active:
             s.runs[B] = []
-        peak = {s.name: 0 for s in systems}
-        base = {s.name: 0 for s in systems}
+        for s in active:
+            if "counts" in s.extra:
+                s.extra["counts"].update(proposed=0, accepted=0, rounds=0)  # count the timed runs only
+        peak = {s.name: 0 for s in active}
+        base = {s.name: 0 for s in active}
         for r in range(args.repeats):
-            for s in systems:
+            for s in active:
                 base_now = mem.current()
                 mem.reset_peak()
                 s.runs[B].append(s.generate(prompts, args.new_tokens))
@@ -376,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
                 base[s.name] = max(base[s.name], base_now)
                 run_ = s.runs[B][-1]
                 log.info("%s batch %d repeat %d: %.1f tok/s", s.name, B, r, run_.steps * B / run_.decode_s)
-        for s in systems:
+        for s in active:
             s.peak_mem[B] = {"peak_mb": peak[s.name] / 2**20, "peak_over_start_mb": (peak[s.name] - base[s.name]) / 2**20}
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -426,12 +574,20 @@ def build_report(args, device, dtype, systems: list[System], batch_sizes, load_s
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "batch_sizes": batch_sizes,
+        "prompt": args.prompt,
+        "quantize": args.quantize,
+        "group_size": args.group_size,
+        "speculative": ({"draft_model": args.draft_model, "draft_quantize": args.draft_quantize,
+                         "speculate_k": args.speculate_k}
+                        if args.draft_model is not None or args.draft_quantize is not None else None),
         "memory": "process peak RSS (VmHWM)" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "command": " ".join(sys.argv),
     }
     results = []
     for s in systems:
         for B in batch_sizes:
+            if B not in s.runs:
+                continue
             runs = s.runs[B]
             tok_s = [r.steps * r.batch / r.decode_s for r in runs]
             ms_step = [1e3 * r.decode_s / r.steps for r in runs]
@@ -444,10 +600,21 @@ def build_report(args, device, dtype, systems: list[System], batch_sizes, load_s
                 "prefill_tok_s": _stats(prefill), "ttft_s": _stats(ttft), "weight_gb_s": _stats(gbs),
                 **{k: round(v, 1) for k, v in s.peak_mem[B].items()},
             })
-    hf = {r["batch_size"]: r["decode_tok_s"]["median"] for r in results if r["system"] == "hf-eager"}
+    def medians(system: str) -> dict[int, float]:
+        return {r["batch_size"]: r["decode_tok_s"]["median"] for r in results if r["system"] == system}
+
+    hf, plain, cpp = medians("hf-eager"), medians("fmstack"), medians("llama.cpp")
     for r in results:
-        base = hf.get(r["batch_size"])
-        r["ratio_vs_hf_eager"] = round(r["decode_tok_s"]["median"] / base, 3) if base else None
+        for key, ref in (("ratio_vs_hf_eager", hf), ("ratio_vs_fmstack", plain), ("ratio_vs_llamacpp", cpp)):
+            base = ref.get(r["batch_size"])
+            r[key] = round(r["decode_tok_s"]["median"] / base, 3) if base else None
+    for s in systems:
+        counts = s.extra.get("counts")
+        if counts and counts["proposed"]:
+            for r in results:
+                if r["system"] == s.name:
+                    r["acceptance_rate"] = round(counts["accepted"] / counts["proposed"], 4)
+                    r["mean_accepted"] = round(counts["accepted"] / counts["rounds"], 4)
     return {
         "meta": meta,
         "systems": {s.name: {"label": s.label, "weight_bytes": s.weight_bytes, "load_s": round(s.load_s, 3)}
@@ -462,17 +629,23 @@ def print_table(report: dict) -> None:
     print(f"# {m['model']} {m['dtype']} on {m['device_name']}, {m['threads']} threads, torch {m['torch']}, "
           f"prompt {m['prompt_len']}, {m['new_tokens']} new tokens, {m['repeats']} repeats"
           + (f", load avg {load[0]:.2f} -> {m['load_avg_end'][0]:.2f}" if load else ""))
-    header = (f"{'system':<10} {'batch':>5} {'tok/s median [min-max]':>26} {'ms/step':>8} {'prefill tok/s':>13} "
-              f"{'TTFT ms':>8} {'GB/s':>6} {'peak MB':>8} {'vs HF eager':>11}")
+    header = (f"{'system':<13} {'batch':>5} {'tok/s median [min-max]':>26} {'ms/step':>8} {'prefill tok/s':>13} "
+              f"{'TTFT ms':>8} {'GB/s':>6} {'peak MB':>8} {'vs HF eager':>11} {'vs fmstack':>10} "
+              f"{'vs llama.cpp':>12}")
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         t = r["decode_tok_s"]
         spread = f"{t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}]"
-        ratio = f"{r['ratio_vs_hf_eager']:.2f}x" if r["ratio_vs_hf_eager"] else "-"
-        print(f"{r['system']:<10} {r['batch_size']:>5} {spread:>26} {r['ms_per_step']['median']:>8.2f} "
+        ratios = [f"{r[k]:.2f}x" if r.get(k) else "-" for k in ("ratio_vs_hf_eager", "ratio_vs_fmstack",
+                                                                 "ratio_vs_llamacpp")]
+        print(f"{r['system']:<13} {r['batch_size']:>5} {spread:>26} {r['ms_per_step']['median']:>8.2f} "
               f"{r['prefill_tok_s']['median']:>13.1f} {1e3 * r['ttft_s']['median']:>8.1f} "
-              f"{r['weight_gb_s']['median']:>6.1f} {r['peak_mb']:>8.0f} {ratio:>11}")
+              f"{r['weight_gb_s']['median']:>6.1f} {r['peak_mb']:>8.0f} {ratios[0]:>11} {ratios[1]:>10} "
+              f"{ratios[2]:>12}")
+        if "acceptance_rate" in r:
+            print(f"{'':<13} {'':>5} speculative: acceptance {100 * r['acceptance_rate']:.1f}%, "
+                  f"{r['mean_accepted']:.2f} draft tokens accepted per round")
 
 
 def plot(report: dict, path: str) -> None:

@@ -37,9 +37,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "run spends longer compiling than it saves)")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
                    help="restrict scaled_dot_product_attention to one backend (default auto)")
-    p.add_argument("--parallel", default="none", choices=["none", "tp", "pp"],
-                   help="split the model over the ranks of a torchrun job: tp (tensor parallel) or pp "
-                        "(pipeline parallel); launch with torchrun --nproc-per-node N -m fmstack ...")
+    p.add_argument("--parallel", default="none", choices=["none", "tp", "pp", "cp"],
+                   help="split the model over the ranks of a torchrun job: tp (tensor parallel), pp "
+                        "(pipeline parallel) or cp (context parallel: ring attention, the sequence and "
+                        "KV cache split); launch with torchrun --nproc-per-node N -m fmstack ...")
     add_quant_args(p)
 
 
@@ -283,12 +284,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if loaded.tokenizer is None:
             raise FmstackError(f"--model {args.model} has no tokenizer to read the calibration text with")
         ids = calibration_ids(loaded.tokenizer, args.calib, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
-        gptq_quantize(loaded.model, ids, spec, act_order=args.act_order, keep=keep)
+        gptq_quantize(loaded.model, ids, spec, act_order=args.act_order, keep=keep, head="gptq")
     else:
         quantize_model(loaded.model, spec, keep=keep)
     out = save_checkpoint(args.out, loaded.model, loaded.tokenizer, quantized=keep, source=loaded.source)
     log.info("wrote %s (%s)", out, spec.mode)
     return 0
+
+
+def _configure_finetune(p: argparse.ArgumentParser) -> None:
+    from fmstack.train import command as finetune
+
+    finetune.configure(p)
+
+
+@command("finetune", "fine-tune a model (full or LoRA) on text / JSONL data; torchrun for data parallel",
+         _configure_finetune)
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fmstack.train import command as finetune
+
+    return finetune.run(args)
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    from fmstack.serve import server
+
+    server.configure(p)
+
+
+@command("serve", "OpenAI-compatible HTTP server (continuous batching, paged KV cache)", _configure_serve)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fmstack.serve import server
+
+    return server.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.parallel.dist import DistInfo
 
-MODES = ("none", "tp", "pp")
+MODES = ("none", "tp", "pp", "cp")
 
 
 def make_plan(mode: str, info: DistInfo):
@@ -28,6 +28,10 @@ def make_plan(mode: str, info: DistInfo):
         return TensorParallel(info)
     if mode == "pp":
         return PipelineParallel(info)
+    if mode == "cp":
+        from fmstack.parallel.ring import ContextParallel
+
+        return ContextParallel(info)
     raise ParameterError(f"--parallel {mode!r} is unknown; choose one of {', '.join(MODES)}")
 
 

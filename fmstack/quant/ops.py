@@ -29,6 +29,7 @@ def has_native_int4(device: torch.device) -> bool:
 
 def int8_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x `[M, K]` (fp), weight int8 `[N, K]`, scales `[N]` -> `[M, N]` in x's dtype."""
+    x = x.contiguous()  # the native kernels need dense rows (x may be a strided last-position slice)
     if hasattr(aten, "_weight_int8pack_mm") and x.device.type in ("cpu", "cuda"):
         return aten._weight_int8pack_mm(x, weight, scales.to(x.dtype))
     return x @ (weight.to(x.dtype) * scales.to(x.dtype)[:, None]).T
@@ -60,6 +61,7 @@ def int4_prepare(q: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype) -
 
 def int4_mm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     """x `[M, K]` -> `[M, N]` with a weight from `int4_prepare`."""
+    x = x.contiguous()
     if x.device.type == "cpu" and has_native_int4(x.device):
         return aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros.to(x.dtype))
     if x.device.type == "cuda" and has_native_int4(x.device):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,3 +42,34 @@ def test_bench_rejects_bad_batch_sizes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha",
                            "--batch-sizes", "1,x", "--no-compile"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--batch-sizes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_quantized_modes_and_speculative_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-gqa", "--batch-sizes", "1,2",
+         "--new-tokens", "5", "--prompt-len", "6", "--repeats", "1", "--no-compile", "--threads", "1",
+         "--quantize", "none,int8,int4", "--draft-quantize", "int8", "--speculate-k", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = [(r["system"], r["batch_size"]) for r in report["results"]]
+    assert rows == [("fmstack", 1), ("fmstack", 2), ("fmstack-int8", 1), ("fmstack-int8", 2),
+                    ("fmstack-int4", 1), ("fmstack-int4", 2), ("fmstack-spec", 1)]  # speculative: batch 1 only
+    spec = report["results"][-1]
+    assert 0 <= spec["acceptance_rate"] <= 1 and 0 <= spec["mean_accepted"] <= 2
+    assert spec["ratio_vs_fmstack"] > 0 and report["results"][0]["ratio_vs_fmstack"] == 1.0
+    assert report["meta"]["speculative"] == {"draft_model": None, "draft_quantize": "int8", "speculate_k": 2}
+    assert "acceptance" in proc.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--quantize", "int3"], "--quantize"),
+    (["--peers", "vllm"], "unknown peer"),
+    (["--speculate-k", "0", "--draft-quantize", "int8"], "--speculate-k"),
+    (["--quantize", "int8", "--draft-quantize", "int8"], "include 'none'"),
+])
+def test_bench_argument_errors(args, msg):
+    proc = subprocess.run([sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha", "--no-compile",
+                           *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr

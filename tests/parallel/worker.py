@@ -1,6 +1,7 @@
 """Run by test_tp.py / test_pp.py under `torchrun --nproc-per-node 2` (gloo): for each checkpoint,
 load it single-process and with `--parallel MODE`, compare logits, greedy generation and eval
-scoring, and (rank 0) write the numbers as JSON.
+scoring, and (rank 0) write the numbers as JSON. test_ring.py runs `--mode cp` (`compare_cp`)
+with 2 and 3 ranks.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel/worker.py \
         --mode tp --out results.json CKPT[:int8] ...
@@ -79,9 +80,61 @@ def compile_check(path: str, mode: str) -> dict:
             "second_length_ok": len(again) == 2}
 
 
+@torch.inference_mode()
+def compare_cp(path: str) -> dict:
+    """Context parallel vs single process: logits for lengths below/at/above 2N and not divisible by N,
+    step-by-step prefill + decode logits through the sharded cache (left-padded batch), greedy
+    generation, and scoring (packed masks and long single sequences)."""
+    from fmstack.generation.kv_cache import StaticKVCache
+
+    ref = load_model(path).model
+    par = load_model(path, parallel="cp").model
+    V, N = ref.config.vocab_size, dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    logits, scale = {}, 0.0
+    for B, T in [(3, 13), (2, 37), (1, 2 * N - 1), (1, 2 * N), (2, 100)]:
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        a = ref(tokens)
+        scale = max(scale, a.abs().max().item())
+        logits[f"{B}x{T}"] = max((a - par(tokens)).abs().max().item(),
+                                 (a[:, -1:] - par(tokens, last_only=True)).abs().max().item())
+    # prefill (left padding) then decode, logits compared at every step
+    lens, steps, S = [23, 41], 12, 64
+    L = max(lens)
+    pad = torch.tensor([L - n for n in lens])
+    tokens = torch.randint(1, V, (2, L), generator=g)
+    positions = torch.arange(L)[None] - pad[:, None]
+    c_ref, c_par = StaticKVCache(ref.config, 2, S), par.make_cache(2, S)
+    c_ref.reset(pad), c_par.reset(pad)
+    a, b = ref(tokens, positions, c_ref, last_only=True), par(tokens, positions, c_par, last_only=True)
+    step_diffs = [(a - b).abs().max().item()]
+    nxt, pos = a[:, -1].argmax(-1), torch.tensor(lens)
+    for _ in range(steps):
+        a, b = ref(nxt[:, None], pos[:, None], c_ref), par(nxt[:, None], pos[:, None], c_par)
+        step_diffs.append((a - b).abs().max().item())
+        nxt, pos = a[:, -1].argmax(-1), pos + 1
+    params = SamplingParams(max_new_tokens=16)
+    long_prompt = torch.randint(0, V, (50,), generator=g).tolist()
+    ga = [r.token_ids for r in Generator(ref, eos_ids=[]).generate(PROMPTS, params)]
+    gb = [r.token_ids for r in Generator(par, eos_ids=[]).generate(PROMPTS, params)]
+    ga += [r.token_ids for r in Generator(ref, eos_ids=[]).generate([long_prompt], params)]
+    gb += [r.token_ids for r in Generator(par, eos_ids=[]).generate([long_prompt], params)]
+    long_req = [(long_prompt[:30], long_prompt[30:]), (long_prompt[:5], long_prompt[5:45])]
+    sa = Scorer(ref, batch_size=4).score(REQUESTS) + Scorer(ref, batch_size=1).score(long_req)
+    sb = Scorer(par, batch_size=4).score(REQUESTS) + Scorer(par, batch_size=1).score(long_req)
+    return {
+        "world": N, "logits_max_abs": logits, "logits_scale": scale, "step_max_abs": step_diffs,
+        "tokens_ref": ga, "tokens_par": gb,
+        "score_max_abs": max(abs(x.logprob - y.logprob) for x, y in zip(sa, sb)),
+        "score_greedy_equal": [x.greedy for x in sa] == [y.greedy for y in sb],
+        "kv_bytes_ref": c_ref.nbytes, "kv_bytes_par": c_par.nbytes, "kv_fill": c_par.fill,
+        "kv_length": c_par.length,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", required=True, choices=["tp", "pp"])
+    p.add_argument("--mode", required=True, choices=["tp", "pp", "cp"])
     p.add_argument("--out", required=True)
     p.add_argument("--compile-check", action="store_true", help="run compile_check on each case instead")
     p.add_argument("cases", nargs="+", help="checkpoint path, optionally :int8")
@@ -90,7 +143,10 @@ def main() -> None:
     for case in args.cases:
         path, _, quant = case.partition(":")
         # the first case joins the process group
-        mine = compile_check(path, args.mode) if args.compile_check else compare(path, args.mode, quant or None)
+        if args.mode == "cp":
+            mine = compare_cp(path)
+        else:
+            mine = compile_check(path, args.mode) if args.compile_check else compare(path, args.mode, quant or None)
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine)
         results[f"{os.path.basename(path)}{':' + quant if quant else ''}"] = per_rank

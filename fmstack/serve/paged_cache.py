@@ -1,0 +1,236 @@
+"""Paged KV cache: fixed-size blocks, a block allocator (free list, reference counts, prefix cache)
+and attention over paged K/V for a ragged batch.
+
+Storage per layer: k, v `[num_blocks * block_size, Hkv, D]`; token position p of a sequence lives
+in slot `block_table[p // block_size] * block_size + p % block_size`. Block 0 is the null block:
+never handed out, it pads block tables (its keys are always masked out).
+
+One engine step runs every scheduled sequence's new tokens flattened into one row `[1, T]` (so the
+projections and MLP see no padding). Attention is gather-based SDPA per *group* of sequences: the
+queries of a group are scattered into a padded `[S, H, Q, D]` batch, each sequence's keys/values
+are gathered through its block table into `[S, Hkv, L, D]`, and a position mask
+(key position <= query position) makes it causal. The engine puts decode sequences (Q = 1) and
+prefill chunks (Q > 1) in separate groups, so a long prefill chunk does not pad every decode row to
+its length. Everything is index arithmetic on tensors whose shapes depend only on the step's sizes,
+so the step compiles with `fullgraph=True` (sizes marked dynamic).
+
+Prefix caching: a full block is identified by `(hash of the previous block's key, its tokens)`.
+Blocks whose reference count drops to zero keep their contents and stay findable until the free
+list hands them out again (least recently freed first), so later requests that share a prompt
+prefix reuse them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fmstack.config import ModelConfig
+from fmstack.errors import ParameterError
+from fmstack.models.llama import sdpa
+
+NULL_BLOCK = 0
+
+
+class NoFreeBlocks(RuntimeError):
+    """The allocator has no block left (the scheduler preempts before this can happen)."""
+
+
+def block_key(parent: int | None, tokens: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """Prefix-cache key of a full block: (hash of the previous block's key (0 for the first), tokens).
+    The tokens are compared exactly; only the parent link is a 64-bit hash."""
+    return (0 if parent is None else parent, tuple(tokens))
+
+
+def chain_hashes(tokens: Sequence[int], block_size: int, n_blocks: int | None = None) -> list[tuple]:
+    """Prefix-cache keys of the first `n_blocks` full blocks of `tokens` (default: every full block)."""
+    n = len(tokens) // block_size if n_blocks is None else n_blocks
+    keys, parent = [], None
+    for i in range(n):
+        key = block_key(parent, tokens[i * block_size:(i + 1) * block_size])
+        keys.append(key)
+        parent = hash(key)
+    return keys
+
+
+class BlockAllocator:
+    """Hands out block ids 1..num_blocks-1 (0 is the null block) with reference counts.
+
+    Free blocks sit in `free` in the order they were freed; `allocate` takes the oldest one and
+    drops any prefix-cache entry it held. `share` takes another reference to a cached block (taking
+    it off the free list if nobody held it)."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ParameterError(f"num_blocks={num_blocks} is invalid: at least 2 (block 0 is reserved)")
+        if block_size < 1:
+            raise ParameterError(f"block_size={block_size} is invalid: must be >= 1")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.refs = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.cached: dict[tuple, int] = {}  # block key -> block id
+        self.key_of: dict[int, tuple] = {}  # block id -> its key (while cached)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by at least one sequence (free blocks that still hold cached prefixes don't count)."""
+        return self.num_blocks - 1 - len(self.free)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise NoFreeBlocks("no free KV block")
+        block, _ = self.free.popitem(last=False)
+        key = self.key_of.pop(block, None)
+        if key is not None and self.cached.get(key) == block:
+            del self.cached[key]
+        self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        if self.refs[block] == 0:
+            del self.free[block]
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        if block == NULL_BLOCK or self.refs[block] <= 0:
+            raise RuntimeError(f"block {block} released more often than taken")
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free[block] = None
+
+    def release_all(self, blocks: Sequence[int]) -> None:
+        """Release a sequence's blocks, last first: its tail is then reused before its prefix."""
+        for b in reversed(blocks):
+            self.release(b)
+
+    def lookup(self, key: tuple) -> int | None:
+        return self.cached.get(key) if self.prefix_caching else None
+
+    def register(self, block: int, key: tuple) -> None:
+        """Record that `block` holds the full block `key` (first writer wins)."""
+        if self.prefix_caching and key not in self.cached:
+            self.cached[key] = block
+            self.key_of[block] = key
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended together. S sequences, Q queries each (padded), L key slots each.
+
+    q_index `[S, Q]`: flat token index of each query (padding repeats a real one);
+    q_pos `[S, Q]`: its position (padding: 0); kv_slots `[S, L]`: cache slot of each key position
+    (block-table expansion, null-block slots past the table)."""
+
+    q_index: Tensor
+    q_pos: Tensor
+    kv_slots: Tensor
+
+
+@dataclass
+class StepMeta:
+    """Paged-attention inputs of one step: slot_mapping `[T]` (cache slot per new token),
+    out_index `[T]` (row of each token in the concatenated padded group outputs), groups."""
+
+    slot_mapping: Tensor
+    out_index: Tensor
+    groups: tuple[AttnGroup, ...]
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.slot_mapping, self.out_index]
+        for g in self.groups:
+            out += [g.q_index, g.q_pos, g.kv_slots]
+        return out
+
+    def mark_dynamic(self) -> None:
+        """Mark every size dynamic for torch.compile (one graph per group layout, not per size)."""
+        mark = torch._dynamo.maybe_mark_dynamic
+        mark(self.slot_mapping, 0)
+        mark(self.out_index, 0)
+        for g in self.groups:
+            for t in (g.q_index, g.q_pos, g.kv_slots):
+                mark(t, 0)
+                mark(t, 1)
+
+
+def build_group(chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_size: int,
+                device: torch.device | str = "cpu") -> AttnGroup:
+    """chunks: (flat offset of the chunk's first token, first position, n tokens, block table) per
+    sequence -> an `AttnGroup` (host-built index tensors)."""
+    S = len(chunks)
+    Q = max(n for _, _, n, _ in chunks)
+    n_blocks = max(-(-(p0 + n) // block_size) for _, p0, n, _ in chunks)
+    q_index = torch.zeros(S, Q, dtype=torch.long)
+    q_pos = torch.zeros(S, Q, dtype=torch.long)
+    tables = torch.full((S, n_blocks), NULL_BLOCK, dtype=torch.long)
+    for s, (off, p0, n, table) in enumerate(chunks):
+        q_index[s, :n] = torch.arange(off, off + n)
+        q_index[s, n:] = off
+        q_pos[s, :n] = torch.arange(p0, p0 + n)
+        used = min(len(table), n_blocks)
+        tables[s, :used] = torch.as_tensor(table[:used], dtype=torch.long)
+    offsets = torch.arange(block_size, dtype=torch.long)
+    kv_slots = (tables[:, :, None] * block_size + offsets).reshape(S, n_blocks * block_size)
+    return AttnGroup(q_index.to(device), q_pos.to(device), kv_slots.to(device))
+
+
+class PagedKVCache(nn.Module):
+    """The K/V storage: per layer `k_i`, `v_i` `[num_blocks * block_size, Hkv, D]`."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.num_blocks, self.block_size, self.n_layers = num_blocks, block_size, config.n_layers
+        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
+        for i in range(config.n_layers):
+            self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+
+    def view(self, meta: StepMeta) -> "PagedAttention":
+        return PagedAttention(self, meta)
+
+
+class PagedAttention:
+    """The model's `AttentionCache` for one step: writes the new K/V into their slots, then runs
+    gather-based SDPA per group and returns the outputs in flat token order."""
+
+    def __init__(self, cache: PagedKVCache, meta: StepMeta):
+        self.cache, self.meta = cache, meta
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q `[1, H, T, D]`, k/v `[1, Hkv, T, D]` (the step's tokens flattened) -> `[1, H, T, D]`."""
+        k_cache, v_cache = self.cache.layer_kv(layer)
+        meta = self.meta
+        k_cache.index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1).to(v_cache.dtype))
+        qf = q[0]  # [H, T, D]
+        outs = []
+        for g in meta.groups:
+            S, Q = g.q_index.shape
+            qg = qf[:, g.q_index].transpose(0, 1)  # [S, H, Q, D]
+            kg = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
+            vg = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
+            key_pos = torch.arange(g.kv_slots.shape[1], device=q.device)
+            mask = (key_pos[None, None, :] <= g.q_pos[:, :, None])[:, None]  # [S, 1, Q, L]
+            og = sdpa(qg, kg, vg, mask=mask)  # [S, H, Q, D]
+            outs.append(og.transpose(1, 2).reshape(S * Q, og.shape[1], og.shape[3]))
+        flat = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sum S*Q, H, D]
+        return flat[meta.out_index].permute(1, 0, 2)[None]  # [1, H, T, D]

@@ -1,0 +1,282 @@
+"""OpenAI request validation and error shapes (no HTTP framework here).
+
+Every request field is checked by hand so that each mistake gets a 400 naming the field and what
+is allowed, in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`; unknown
+fields are rejected, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fmstack.generation.sampling import SamplingParams
+from fmstack.serve.engine import MAX_LOGPROBS
+
+MAX_STOP = 16
+MAX_PROMPTS = 64
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP `status` with the JSON `body()`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                             413: "invalid_request_error", 429: "rate_limit_error",
+                             503: "service_unavailable"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def parse_json_body(raw: bytes) -> dict:
+    if not raw.strip():
+        raise APIError(400, "the request body is empty: send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+# -- field checks ------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def int_in(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise bad(name, f"{v!r} is invalid: must be {allowed}")
+    return v
+
+
+def num_in(name: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    if not _is_num(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise bad(name, f"{v!r} is invalid: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    return float(v)
+
+
+def boolean(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise bad(name, f"{v!r} is invalid: must be true or false")
+    return v
+
+
+def stop_list(name: str, v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or len(items) > MAX_STOP or not all(isinstance(s, str) and s for s in items):
+        raise bad(name, f"must be a non-empty string or a list of at most {MAX_STOP} non-empty strings")
+    return tuple(items)
+
+
+def token_list(name: str, v: Any, vocab: int) -> list[int]:
+    if not v:
+        raise bad(name, "is empty: a prompt needs at least one token")
+    for t in v:
+        if not _is_int(t) or not 0 <= t < vocab:
+            raise bad(name, f"token id {t!r} is invalid: token ids are integers in [0, {vocab})")
+    return list(v)
+
+
+@dataclass
+class Common:
+    """Fields shared by both endpoints, validated."""
+
+    model: str | None
+    max_tokens: int | None
+    sampling: dict = field(default_factory=dict)  # SamplingParams kwargs except max_new_tokens
+    stream: bool = False
+    include_usage: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_tokens, **self.sampling)
+
+
+def _zero_only(name: str, v: Any) -> None:
+    if v is not None and not (_is_num(v) and v == 0):
+        raise bad(name, f"{v!r} is not supported: this server only accepts 0 (or null)")
+
+
+def _one_only(name: str, v: Any) -> None:
+    if v is not None and v != 1 or isinstance(v, bool):
+        raise bad(name, f"{v!r} is not supported: this server returns one choice per prompt (use 1)")
+
+
+def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
+    known = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
+             "n", "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
+             "stop_token_ids", "min_tokens"} | allowed_extra
+    for key in body:
+        if key not in known:
+            raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", f"{model!r} is invalid: must be a string")
+    mt = body.get("max_tokens")
+    if mt is not None:
+        int_in("max_tokens", mt, 0)
+    s: dict[str, Any] = {}
+    if body.get("temperature") is not None:
+        s["temperature"] = num_in("temperature", body["temperature"], 0.0, 2.0)
+    if body.get("top_p") is not None:
+        s["top_p"] = num_in("top_p", body["top_p"], 0.0, 1.0, lo_open=True)
+    if body.get("top_k") is not None:
+        k = body["top_k"]
+        if not _is_int(k) or k < -1:
+            raise bad("top_k", f"{k!r} is invalid: must be an integer >= -1 (-1 or 0 disable top-k)")
+        s["top_k"] = max(k, 0)
+    s["stop"] = stop_list("stop", body.get("stop"))
+    if body.get("seed") is not None:
+        seed = body["seed"]
+        if not _is_int(seed) or not -2**63 <= seed < 2**64:
+            raise bad("seed", f"{seed!r} is invalid: must be a 64-bit integer")
+        s["seed"] = seed % 2**63
+    if body.get("ignore_eos") is not None:
+        s["ignore_eos"] = boolean("ignore_eos", body["ignore_eos"])
+    stream = boolean("stream", body["stream"]) if body.get("stream") is not None else False
+    include_usage = False
+    so = body.get("stream_options")
+    if so is not None:
+        if not stream:
+            raise bad("stream_options", "is only allowed when stream is true")
+        if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
+            raise bad("stream_options", 'must be an object like {"include_usage": true}')
+        include_usage = boolean("stream_options.include_usage", so.get("include_usage", False))
+    _one_only("n", body.get("n"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        _zero_only(name, body.get(name))
+    rp = body.get("repetition_penalty")
+    if rp is not None and not (_is_num(rp) and rp == 1):
+        raise bad("repetition_penalty", f"{rp!r} is not supported: only 1 (or null)")
+    if body.get("min_tokens") not in (None, 0):
+        raise bad("min_tokens", f"{body['min_tokens']!r} is not supported: only 0 (or null)")
+    lb = body.get("logit_bias")
+    if lb not in (None, {}):
+        raise bad("logit_bias", "is not supported")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user", "must be a string")
+    stop_ids: tuple[int, ...] = ()
+    if body.get("stop_token_ids") is not None:
+        v = body["stop_token_ids"]
+        if not isinstance(v, list) or not all(_is_int(t) and 0 <= t < vocab for t in v):
+            raise bad("stop_token_ids", f"must be a list of token ids in [0, {vocab})")
+        stop_ids = tuple(v)
+    return Common(model, mt, s, stream, include_usage, stop_ids)
+
+
+@dataclass
+class CompletionRequest:
+    common: Common
+    prompts: list[str | list[int]]  # each a text or token ids
+    logprobs: int | None
+    echo: bool
+
+
+def parse_completion(body: dict, vocab: int) -> CompletionRequest:
+    common = _common(body, {"prompt", "logprobs", "echo", "best_of", "suffix"}, vocab)
+    if "prompt" not in body:
+        raise bad("prompt", "is required (a string, a list of strings, a list of token ids, or a list of those)")
+    p = body["prompt"]
+    if isinstance(p, str):
+        prompts: list = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        prompts = list(p)
+    elif isinstance(p, list) and p and all(_is_int(x) for x in p):
+        prompts = [token_list("prompt", p, vocab)]
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        prompts = [token_list(f"prompt[{i}]", x, vocab) for i, x in enumerate(p)]
+    else:
+        raise bad("prompt", "must be a string, a non-empty list of strings, a list of token ids, or a list of "
+                            "token-id lists")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad("prompt", f"has {len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    if any(isinstance(x, str) and not x for x in prompts):
+        raise bad("prompt", "is an empty string")
+    lp = body.get("logprobs")
+    if lp is not None:
+        int_in("logprobs", lp, 0, MAX_LOGPROBS)
+    echo = boolean("echo", body["echo"]) if body.get("echo") is not None else False
+    _one_only("best_of", body.get("best_of"))
+    if body.get("suffix") is not None:
+        raise bad("suffix", "is not supported")
+    return CompletionRequest(common, prompts, lp, echo)
+
+
+@dataclass
+class ChatRequest:
+    common: Common
+    messages: list[dict]
+    logprobs: bool
+    top_logprobs: int
+
+
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _message(i: int, m: Any) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(where, "must be an object with 'role' and 'content'")
+    extra = set(m) - {"role", "content", "name", "tool_call_id"}
+    if extra:
+        raise bad(where, f"unknown key(s) {sorted(extra)}: allowed are role, content, name")
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role", f"{role!r} is invalid: must be one of {', '.join(ROLES)}")
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}.content[{j}]", 'only text parts ({"type": "text", "text": "..."}) are supported')
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content", "must be a string or a list of text parts")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def parse_chat(body: dict, vocab: int) -> ChatRequest:
+    body = dict(body)
+    if "max_completion_tokens" in body:
+        mct = body.pop("max_completion_tokens")
+        if mct is not None:
+            int_in("max_completion_tokens", mct, 0)
+            body["max_tokens"] = mct
+    common = _common(body, {"messages", "logprobs", "top_logprobs"}, vocab)
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages", "is required: a non-empty list of {role, content} objects")
+    messages = [_message(i, m) for i, m in enumerate(msgs)]
+    lp = boolean("logprobs", body["logprobs"]) if body.get("logprobs") is not None else False
+    tlp = body.get("top_logprobs")
+    if tlp is not None:
+        int_in("top_logprobs", tlp, 0, MAX_LOGPROBS)
+        if not lp:
+            raise bad("top_logprobs", "needs logprobs set to true")
+    return ChatRequest(common, messages, lp, tlp or 0)
+

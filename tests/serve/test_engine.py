@@ -1,0 +1,197 @@
+"""Engine + paged cache on tiny random models (in process): continuous batching, chunked prefill,
+preemption, prefix caching, abort and prompt logprobs all give the single-sequence answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmstack.errors import ParameterError
+from fmstack.generation.generate import Generator
+from fmstack.generation.sampling import SamplingParams
+from fmstack.loading import load_model
+from fmstack.serve.engine import Engine, EngineConfig, PromptTooLong, QueueFull, RequestParams
+from fmstack.serve.paged_cache import BlockAllocator, chain_hashes
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny-gqa").model
+
+
+def prompts(n_tokens, seed=1, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in n_tokens]
+
+
+def reference(model, prompt_list, max_new):
+    gen = Generator(model, None, eos_ids=[])
+    return [gen.generate([p], SamplingParams(max_new_tokens=max_new))[0].token_ids for p in prompt_list]
+
+
+def run(engine, prompt_list, params, abort_after=None):
+    outs = {}
+
+    def cb(o):
+        outs.setdefault(o.request_id, []).append(o)
+
+    for i, p in enumerate(prompt_list):
+        engine.add_request(str(i), p, params if isinstance(params, RequestParams) else params[i], cb)
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        if abort_after and steps == abort_after[0]:
+            for rid in abort_after[1]:
+                engine.abort(rid)
+    return {k: v for k, v in outs.items()}, steps
+
+
+def tokens_of(outs):
+    return {k: [t for o in v for t in o.token_ids] for k, v in outs.items()}
+
+
+def test_allocator_refcounts_free_list_and_prefix_cache():
+    a = BlockAllocator(5, 4)
+    blocks = [a.allocate() for _ in range(4)]
+    assert sorted(blocks) == [1, 2, 3, 4] and a.num_free == 0 and a.num_used == 4
+    keys = chain_hashes(list(range(8)), 4)
+    a.register(blocks[0], keys[0])
+    a.register(blocks[1], keys[1])
+    a.share(blocks[0])
+    a.release_all(blocks[:2])  # block 0 still held once, block 1 free but cached
+    assert a.num_used == 3 and a.lookup(keys[1]) == blocks[1] and a.lookup(keys[0]) == blocks[0]
+    a.share(blocks[1])  # revived from the free list by a prefix hit
+    assert a.num_free == 0
+    a.release(blocks[1])
+    assert a.allocate() == blocks[1] and a.lookup(keys[1]) is None  # reallocated: no longer cached
+    with pytest.raises(RuntimeError):
+        a.release(0)
+    # same tokens under a different parent are a different block
+    assert chain_hashes([9] * 4 + list(range(4)), 4)[1] != chain_hashes(list(range(8)), 4)[1]
+
+
+@pytest.mark.parametrize("config", ["tiny-gqa", "tiny-mha"])
+def test_continuous_batching_matches_solo_greedy(config):
+    tiny = load_model(f"random:{config}").model
+    ps = prompts([5, 17, 40, 3, 33, 70])
+    ref = reference(tiny, ps, 12)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=32, max_num_seqs=4,
+                                          max_model_len=128))
+    outs, steps = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=12)))
+    assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
+    assert all(v[-1].finished and v[-1].finish_reason == "length" for v in outs.values())
+    st = eng.stats()
+    assert st.blocks_used == 0 and st.running == 0 and st.generation_tokens == 72
+    assert steps < 6 * 12  # batched: fewer steps than one sequence at a time
+
+
+def test_preemption_by_recompute(tiny):
+    ps = prompts([12, 14, 10, 16], seed=3)
+    ref = reference(tiny, ps, 30)
+    # 16 blocks of 4 tokens: one sequence of max_model_len fits, four growing ones do not
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=17, max_num_batched_tokens=64, max_num_seqs=4,
+                                          max_model_len=64, prefix_caching=False))
+    outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=30)))
+    assert eng.stats().preemptions > 0
+    assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
+    assert eng.stats().blocks_used == 0
+
+
+def test_prefix_cache_reuses_blocks(tiny):
+    shared = prompts([48], seed=5)[0]
+    ps = [shared + [1, 2, 3], shared + [4, 5]]
+    ref = reference(tiny, ps, 6)
+    eng = Engine(tiny, None, EngineConfig(block_size=8, num_blocks=64, max_model_len=128))
+    outs1, _ = run(eng, ps[:1], RequestParams(SamplingParams(max_new_tokens=6)))
+    assert eng.stats().prefix_cache_hit_tokens == 0
+    outs2, _ = run(eng, ps[1:], RequestParams(SamplingParams(max_new_tokens=6)))
+    assert eng.stats().prefix_cache_hit_tokens == 48  # six full blocks of the shared prefix
+    assert tokens_of(outs1)["0"] == ref[0] and tokens_of(outs2)["0"] == ref[1]
+
+
+def test_abort_frees_blocks_at_once(tiny):
+    ps = prompts([30, 30, 30], seed=7)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    outs = {}
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, RequestParams(SamplingParams(max_new_tokens=50)),
+                        lambda o: outs.setdefault(o.request_id, []).append(o))
+    eng.step()
+    eng.step()
+    used = eng.stats().blocks_used
+    assert used > 0
+    assert eng.abort("1") and not eng.abort("1") and not eng.abort("nope")
+    assert eng.stats().blocks_used < used and eng.stats().running == 2
+    n_before = len(outs["1"])
+    while eng.has_work():
+        eng.step()
+    assert len(outs["1"]) == n_before  # no output after the abort
+    assert eng.stats().blocks_used == 0 and eng.stats().finished["abort"] == 1
+
+
+def test_prompt_logprobs_equal_full_forward(tiny):
+    p = prompts([37], seed=9)[0]
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16,
+                                          max_model_len=128))  # chunked: 3 chunks
+    outs, _ = run(eng, [p], RequestParams(SamplingParams(max_new_tokens=1), logprobs=2, prompt_logprobs=3))
+    o = outs["0"]
+    plp = o[0].prompt_logprobs
+    with torch.no_grad():
+        lp = tiny(torch.tensor([p]))[0].float().log_softmax(-1)
+    assert plp[0] is None and len(plp) == len(p)
+    for i in range(1, len(p)):
+        assert plp[i].token_id == p[i]
+        assert plp[i].logprob == pytest.approx(lp[i - 1, p[i]].item(), abs=1e-4)
+        assert [t for t, _ in plp[i].top] == lp[i - 1].topk(3).indices.tolist()
+    gen = o[-1].logprobs[0]
+    assert gen.token_id == lp[-1].argmax().item() and gen.logprob == pytest.approx(lp[-1].max().item(), abs=1e-4)
+    assert len(gen.top) == 2
+
+
+def test_echo_only_request_and_sampling_seeds(tiny):
+    p = prompts([12], seed=11)[0]
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    outs, _ = run(eng, [p], RequestParams(SamplingParams(max_new_tokens=0), prompt_logprobs=0))
+    assert outs["0"][-1].finished and len(outs["0"][0].prompt_logprobs) == 12 and outs["0"][-1].completion_tokens == 0
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=123)
+    alone, _ = run(eng, [p], RequestParams(sp))
+    batched, _ = run(eng, [prompts([9], seed=2)[0], p, p],
+                     [RequestParams(SamplingParams(max_new_tokens=10, temperature=0.7)), RequestParams(sp),
+                      RequestParams(SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, seed=124))])
+    assert tokens_of(alone)["0"] == tokens_of(batched)["1"]  # a seed reproduces, whatever the batch
+    assert tokens_of(batched)["1"] != tokens_of(batched)["2"]
+
+
+def test_request_validation(tiny):
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=64, max_queue=2))
+    cb = lambda o: None  # noqa: E731
+    with pytest.raises(PromptTooLong, match="maximum context length is 64"):
+        eng.add_request("a", [1] * 60, RequestParams(SamplingParams(max_new_tokens=5)), cb)
+    with pytest.raises(ParameterError, match="outside"):
+        eng.add_request("a", [1, 512], RequestParams(), cb)
+    with pytest.raises(ParameterError, match="empty"):
+        eng.add_request("a", [], RequestParams(), cb)
+    with pytest.raises(ParameterError, match="logprobs"):
+        RequestParams(logprobs=21)
+    short = RequestParams(SamplingParams(max_new_tokens=4))
+    eng.add_request("a", [1], short, cb)
+    with pytest.raises(ParameterError, match="already in use"):
+        eng.add_request("a", [1], short, cb)
+    eng.add_request("b", [1], short, cb)
+    with pytest.raises(QueueFull):
+        eng.add_request("c", [1], short, cb)
+    with pytest.raises(ParameterError, match="fewer than one sequence"):
+        Engine(tiny, None, EngineConfig(block_size=4, num_blocks=10, max_model_len=64))
+
+
+@pytest.mark.slow
+def test_compiled_step_has_no_graph_breaks(tiny):
+    """fullgraph=True: a graph break would raise. Mixed decode + prefill steps, several sizes."""
+    torch._dynamo.reset()
+    ps = prompts([9, 21, 14], seed=13)
+    ref = reference(tiny, ps, 5)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16,
+                                          max_model_len=128, compile=True))
+    outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=5)))
+    assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
