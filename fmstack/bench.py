@@ -2,13 +2,16 @@
 
 Measures, per system and batch size: decode tok/s (all rows), ms per decode step, prefill tok/s,
 time to first token, achieved weight bandwidth (weight bytes x decode steps/s; at batch 1 this is
-weight bytes x tok/s) and peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA).
+weight bytes x tok/s), peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on CUDA) and
+what torch.compile compiled in the warm-up and in the timed runs (`compiles`; the timed runs should
+compile nothing).
 
 Systems:
   fmstack        `Generator.generate` (greedy, no tokenizer so no detokenization), compiled unless
                  --no-compile.
   hf-eager       (--peers hf) `LlamaForCausalLM` built from the same checkpoint, plain argmax loop over
-                 its DynamicCache (prefill with logits_to_keep=1).
+                 its DynamicCache (prefill with logits_to_keep=1). For random:<config> models, an HF
+                 model of the same shape with HF's own random weights, built on the device (speed only).
   hf-static      (--peers hf, with --compile) HF `StaticCache`, eager prefill, decode through
                  `torch.compile(model.forward, fullgraph=True)`, i.e. what `generate(...,
                  cache_implementation="static")` does on GPUs (on CPU, HF does not auto-compile).
@@ -51,9 +54,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile fmstack's decode (and run the HF static+compile peer); default on")
-    p.add_argument("--decode-compiler", default="generator", choices=["generator", "gemv"],
-                   help="with --compile: 'generator' = Generator(compile=True) as is; 'gemv' = its decode step "
-                        "recompiled with fmstack.generation.compile.compile_decode (A/B of the CPU study)")
+    p.add_argument("--decode-compiler", default="generator", choices=["generator", "stock"],
+                   help="with --compile: 'generator' = Generator(compile=True) as is (on CPU, batch-1 matmuls "
+                        "lowered to streaming reductions); 'stock' = its decode step under plain "
+                        "torch.compile(fullgraph=True), matmuls through BLAS (the A/B of the CPU study)")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help=f"comma list (default {DEFAULT_BATCH_SIZES})")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row (default 64)")
@@ -181,6 +185,22 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+def compile_counts() -> dict[str, int]:
+    """What torch.compile has done so far in this process (torch._dynamo's counters): graphs compiled
+    (one per compile or recompile), frames compiled, graph breaks, and Inductor's CUDA-graph skips.
+    The difference of two readings counts a region; all zero without compilation."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames": int(counters["frames"]["ok"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+
+
+def compile_counts_since(before: dict[str, int]) -> dict[str, int]:
+    now = compile_counts()
+    return {k: now[k] - before[k] for k in now}
+
+
 def device_name(device) -> str:
     import torch
 
@@ -217,15 +237,12 @@ def fmstack_system(args, device, dtype, quantize: str | None = None) -> System:
     gen = Generator(loaded.model, None, eos_ids=[], **kwargs)
     compiled = args.compile and accepts_compile
     label = "fmstack (compiled)" if compiled else "fmstack (eager)"
-    if compiled and args.decode_compiler == "gemv":
-        from fmstack.generation.compile import compile_decode
+    if compiled and args.decode_compiler == "stock":
+        import torch
 
-        if not hasattr(gen, "_decode_impl"):
-            from fmstack.errors import FmstackError
-
-            raise FmstackError("--decode-compiler gemv: this Generator has no _decode_impl to recompile")
-        gen._decode_step = compile_decode(gen._decode_impl, device)
-        label = "fmstack (compile_decode)"
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        gen._decode_step = torch.compile(gen._decode_impl, fullgraph=True, mode=mode)
+        label = "fmstack (compiled, stock Inductor decode)"
 
     def generate(prompts, new_tokens: int) -> Run:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -363,11 +380,47 @@ def load_hf(args, device, dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if args.model.startswith("random:"):
+        return hf_random_model(args.model, device, dtype)
     src = hf_source(args.model)
     if src is None:
         return None
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src[0], dtype=dtype, **src[1]).to(device).eval()
+    model.requires_grad_(False)
+    return model, time.perf_counter() - t0
+
+
+def hf_llama_config(config):
+    """A transformers LlamaConfig of the same shape as an fmstack ModelConfig."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+              num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+              num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
+              rope_theta=config.rope_theta, max_position_embeddings=config.max_seq_len,
+              tie_word_embeddings=config.tie_embeddings)
+    s = config.rope_scaling
+    if s is not None:
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                              "high_freq_factor": s.high_freq_factor,
+                              "original_max_position_embeddings": s.original_max_position}
+    return LlamaConfig(**kw)
+
+
+def hf_random_model(model_spec: str, device, dtype):
+    """(LlamaForCausalLM, build seconds) shaped like `random:<config>`, with HF's own random init, built on
+    `device` in `dtype` (not fmstack's weights: for speed comparisons only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fmstack.config import named_config
+
+    config = hf_llama_config(named_config(model_spec.split(":", 1)[1]))
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return model, time.perf_counter() - t0
 
@@ -452,6 +505,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParameterError(f"--batch-sizes {args.batch_sizes!r}: expected a comma list of integers") from None
     if not batch_sizes or min(batch_sizes) < 1:
         raise ParameterError("--batch-sizes must list positive integers")
+    if args.plot:
+        require_matplotlib()
     if args.new_tokens < 2:
         raise ParameterError("--new-tokens must be >= 2 (one prefill token and at least one decode step)")
     if args.prompt_len < 1 or args.repeats < 1:
@@ -478,6 +533,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    compile_start = compile_counts()
 
     systems = [fmstack_system(args, device, dtype, None if m == "none" else m) for m in modes]
     if speculative:
@@ -507,7 +563,10 @@ def run(args: argparse.Namespace) -> int:
         active = [s for s in systems if s.runs_batch(B)]
         for s in active:  # warm-up: compiles this batch size's graphs, faults in the caches
             log.info("warm-up %s batch %d", s.name, B)
+            before = compile_counts()
             s.generate(prompts, max(2, min(args.warmup_tokens, args.new_tokens)))
+            s.extra.setdefault("compiles", {})[B] = {"warmup": compile_counts_since(before),
+                                                     "timed": dict.fromkeys(before, 0)}
         for s in active:
             s.runs[B] = []
         for s in active:
@@ -519,16 +578,25 @@ def run(args: argparse.Namespace) -> int:
             for s in active:
                 base_now = mem.current()
                 mem.reset_peak()
+                before = compile_counts()
                 s.runs[B].append(s.generate(prompts, args.new_tokens))
+                timed = s.extra["compiles"][B]["timed"]
+                for k, v in compile_counts_since(before).items():
+                    timed[k] += v
                 peak[s.name] = max(peak[s.name], mem.peak())
                 base[s.name] = max(base[s.name], base_now)
                 run_ = s.runs[B][-1]
                 log.info("%s batch %d repeat %d: %.1f tok/s", s.name, B, r, run_.steps * B / run_.decode_s)
         for s in active:
             s.peak_mem[B] = {"peak_mb": peak[s.name] / 2**20, "peak_over_start_mb": (peak[s.name] - base[s.name]) / 2**20}
+            timed = s.extra["compiles"][B]["timed"]
+            if timed["graphs"] or timed["graph_breaks"]:
+                log.warning("%s batch %d: torch.compile compiled %d graph(s) (%d graph break(s)) during the timed "
+                            "runs: a recompile inside a generation", s.name, B, timed["graphs"], timed["graph_breaks"])
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    report = build_report(args, device, dtype, systems, batch_sizes, load_start, load_end)
+    report = build_report(args, device, dtype, systems, batch_sizes, load_start, load_end,
+                          compile_counts_since(compile_start))
     if parallel != "none":
         import torch.distributed as dist
 
@@ -546,7 +614,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_report(args, device, dtype, systems: list[System], batch_sizes, load_start, load_end) -> dict:
+def build_report(args, device, dtype, systems: list[System], batch_sizes, load_start, load_end,
+                 compiles: dict[str, int] | None = None) -> dict:
     import torch
 
     try:
@@ -582,6 +651,8 @@ def build_report(args, device, dtype, systems: list[System], batch_sizes, load_s
                         if args.draft_model is not None or args.draft_quantize is not None else None),
         "memory": "process peak RSS (VmHWM)" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "command": " ".join(sys.argv),
+        # torch.compile over the whole run (loading, warm-ups, timed runs); per row: "compiles"
+        "compile_counters": compiles,
     }
     results = []
     for s in systems:
@@ -599,6 +670,9 @@ def build_report(args, device, dtype, systems: list[System], batch_sizes, load_s
                 "decode_tok_s": _stats(tok_s), "ms_per_step": _stats(ms_step),
                 "prefill_tok_s": _stats(prefill), "ttft_s": _stats(ttft), "weight_gb_s": _stats(gbs),
                 **{k: round(v, 1) for k, v in s.peak_mem[B].items()},
+                # graphs compiled in the untimed warm-up (expected: this batch size's) and in the timed
+                # runs (expected 0: anything there is a recompile inside a generation)
+                "compiles": s.extra.get("compiles", {}).get(B),
             })
     def medians(system: str) -> dict[int, float]:
         return {r["batch_size"]: r["decode_tok_s"]["median"] for r in results if r["system"] == system}
@@ -648,14 +722,21 @@ def print_table(report: dict) -> None:
                   f"{r['mean_accepted']:.2f} draft tokens accepted per round")
 
 
-def plot(report: dict, path: str) -> None:
-    """tok/s vs batch size, one line per system, min-max error bars (matplotlib, Agg)."""
+def require_matplotlib() -> None:
+    """Fail before a long benchmark, not after it, when --plot cannot be honoured."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         from fmstack.errors import FmstackError
 
         raise FmstackError("--plot needs matplotlib: pip install 'fmstack[bench]'") from None
+
+
+def plot(report: dict, path: str) -> None:
+    """tok/s vs batch size, one line per system, min-max error bars (matplotlib, Agg)."""
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmstack.errors import ParameterError
+from fmstack.generation.compile import compile_decode
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
 
@@ -109,7 +110,9 @@ class Generator:
     `_prefill_impl` and `_decode_impl` (forward + sampling) are the only model calls; with
     `compile=True` each runs under `torch.compile(fullgraph=True)`: prefill with a symbolic sequence
     length (one graph for all prompt lengths), decode with static shapes (one graph for all steps;
-    a CUDA graph on CUDA). Greedy batches take an argmax-only variant of each graph."""
+    a CUDA graph on CUDA). Greedy batches take an argmax-only variant of each graph.
+    The compiled CPU decode step does not re-check the model's attributes at every call: once a
+    Generator has run, its model must not be modified (swap modules or weights before, not after)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None, *,
                  compile: bool = False, sdpa_backend: str = "auto", max_seq_len: int | None = None):
@@ -132,12 +135,12 @@ class Generator:
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
         if compile:
             self._prefill_step = torch.compile(self._prefill_impl, fullgraph=True)
-            # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead).
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_step = torch.compile(self._decode_impl, fullgraph=True, mode=mode)
+            # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead); on CPU
+            # its batch-1 matmuls become streaming reductions (see fmstack.generation.compile).
+            self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model")
         self._logits_one = self._logits_many = self._logits_impl
         if compile:  # T == 1 gets a static graph, T > 1 one with a symbolic length
-            self._logits_one = torch.compile(self._logits_impl, fullgraph=True)
+            self._logits_one = compile_decode(self._logits_impl, self.device, frozen_attribute="model")
             self._logits_many = torch.compile(self._logits_impl, fullgraph=True)
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
@@ -162,8 +165,9 @@ class Generator:
     def logits(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
         """Raw forward through the cache: tokens/positions `[B, T]` -> logits `[B, T, V]` (compiled
         when the generator is). Used where whole distributions are needed (speculative decoding)."""
-        if tokens.shape[1] == 1:
-            return self._logits_one(tokens, positions, cache)
+        if tokens.shape[1] == 1:  # on CUDA a CUDA graph: its output buffer is reused by the next call
+            out = self._logits_one(tokens, positions, cache)
+            return out.clone() if self.compiled and self.device.type == "cuda" else out
         if self.compiled:
             torch._dynamo.mark_dynamic(tokens, 1)
             torch._dynamo.mark_dynamic(positions, 1)

@@ -32,7 +32,7 @@ from fmstack.serve.protocol import APIError, bad, parse_chat, parse_completion, 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+POLL_S = 0.05  # how often a waiting request checks whether its client is still there
 
 
 @dataclass

@@ -73,3 +73,44 @@ def test_bench_argument_errors(args, msg):
     proc = subprocess.run([sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha", "--no-compile",
                            *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compile_counts_see_compiles_and_recompiles():
+    """The counters behind each row's `compiles`: a first call compiles, a repeat does not, a new shape
+    recompiles (dynamo's eager backend: no code generation, milliseconds)."""
+    import torch
+
+    from fmstack.bench import compile_counts, compile_counts_since
+
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    start = compile_counts()
+    f(torch.ones(3))
+    first = compile_counts_since(start)
+    mid = compile_counts()
+    f(torch.ones(3))
+    assert compile_counts_since(mid)["graphs"] == 0
+    f(torch.ones(5))
+    assert first["graphs"] == 1 and first["graph_breaks"] == 0
+    assert compile_counts_since(mid)["graphs"] == 1  # the recompile for the new shape
+
+
+def test_bench_compile_counts_and_hf_peer_on_random_model(tmp_path):
+    """--peers hf on a random:<config> model builds an HF model of the same shape (HF's random init);
+    every row reports what was compiled in the warm-up and in the timed runs (nothing, with --no-compile)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha", "--batch-sizes", "1",
+         "--new-tokens", "3", "--prompt-len", "4", "--repeats", "1", "--no-compile", "--threads", "1",
+         "--peers", "hf", "--out", str(out)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["system"], r["batch_size"]) for r in report["results"]] == [("fmstack", 1), ("hf-eager", 1)]
+    hf_bytes, ours = report["systems"]["hf-eager"]["weight_bytes"], report["systems"]["fmstack"]["weight_bytes"]
+    assert abs(hf_bytes - ours) <= 0.01 * ours  # same shape (HF adds its small RoPE buffers)
+    zero = {"graphs": 0, "frames": 0, "graph_breaks": 0, "cudagraph_skips": 0}
+    assert report["meta"]["compile_counters"] == zero
+    for r in report["results"]:
+        assert r["compiles"] == {"warmup": zero, "timed": zero}
+        assert r["ratio_vs_hf_eager"] > 0

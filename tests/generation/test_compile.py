@@ -74,3 +74,43 @@ def test_cpu_sdpa_backends_give_same_tokens(tiny, backend):
     ref = Generator(tiny, eos_ids=[]).generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
     got = Generator(tiny, eos_ids=[], sdpa_backend=backend).generate([prompt], SamplingParams(max_new_tokens=8))
     assert got[0].token_ids == ref
+
+
+def test_batch1_decode_reductions_equal_blas(tiny):
+    """The CPU decode backend lowers batch-1 matmuls to streaming reductions: same logits as eager BLAS."""
+    from fmstack.generation.compile import compile_kwargs
+
+    assert compile_kwargs("cpu")["backend"].__name__.startswith("inductor_cpu_gemv")
+    torch._dynamo.reset()
+    gen = Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
+    eager = Generator(tiny, eos_ids=[], max_seq_len=64)
+    prompt = torch.tensor([[5, 7, 11, 13, 17, 19]])
+    pos = torch.arange(6)[None]
+    with torch.inference_mode():
+        for g in (gen, eager):
+            g.ensure_cache(1, 64).reset()
+            g.logits(prompt, pos, g.cache)
+        for step in range(3):
+            tok, p = torch.tensor([[23 + step]]), torch.tensor([[6 + step]])
+            torch.testing.assert_close(gen.logits(tok, p, gen.cache), eager.logits(tok, p, eager.cache),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_generators_of_different_models_do_not_share_graphs(tiny):
+    """The compiled decode skips guards on the model's attributes, so each Generator must get its own
+    graphs: a float and an int8 copy of one model, compiled in one process, each match their eager run."""
+    import copy
+
+    from fmstack.quant import QuantSpec, quantize_model
+
+    torch._dynamo.reset()
+    q8 = quantize_model(copy.deepcopy(tiny), QuantSpec("int8"))
+    other = load_model("random:tiny-gqa", seed=1).model
+    prompt, params = [[7, 8, 9, 10, 11]], SamplingParams(max_new_tokens=12)
+    compiled = [Generator(m, eos_ids=[], compile=True, max_seq_len=64) for m in (tiny, q8, other)]
+    got = [g.generate(prompt, params)[0].token_ids for g in compiled]
+    got += [g.generate(prompt, params)[0].token_ids for g in compiled]  # and again, interleaved
+    want = [Generator(m, eos_ids=[], max_seq_len=64).generate(prompt, params)[0].token_ids
+            for m in (tiny, q8, other)]
+    assert got == want + want
+    assert want[0] != want[2]  # the two float models really differ

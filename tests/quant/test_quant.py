@@ -40,22 +40,44 @@ def test_pack_unpack_roundtrip():
     assert packed.shape == (8, 32) and torch.equal(ops.unpack_uint4(packed), q)
 
 
-def test_int8_kernel_matches_reference():
+def _int8_cases():
     q, s = quantize_int8(W)
-    got = Int8Linear.from_portable(q, s, torch.float32)(X)
-    torch.testing.assert_close(got, X @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4)
+    return Int8Linear.from_portable(q, s, torch.float32), q.float() * s[:, None]
 
 
-@pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("group", [32, 64])
-def test_int4_kernel_matches_reference(monkeypatch, native, group):
-    """The native packer/matmul of this torch version (or the dequantize fallback) computes x @ deq(W).T."""
-    if not native:
-        monkeypatch.setattr(ops, "has_native_int4", lambda device: False)
+def _int4_case(group):
     t = rtn_portable(W, QuantSpec("int4", group))
     lin = Int4Linear.from_portable(t["qweight"], t["scales"], t["zeros"], group, torch.float32)
-    deq = dequantize_int4(ops.unpack_uint4(t["qweight"]), t["scales"], t["zeros"], group)
-    torch.testing.assert_close(lin(X), X @ deq.T, rtol=1e-3, atol=1e-3)
+    return lin, dequantize_int4(ops.unpack_uint4(t["qweight"]), t["scales"], t["zeros"], group)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64", "int4-g128"])
+def test_kernels_match_dequantized_reference(kind, rows):
+    """Eager: one row (native int8 op / planar dequantize) and several rows (dequantize + BLAS)."""
+    lin, deq = _int8_cases() if kind == "int8" else _int4_case(int(kind.split("-g")[1]))
+    x = X[:rows]
+    torch.testing.assert_close(lin(x), x @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g128"])
+def test_compiled_one_row_reduction_matches_reference(kind):
+    """Under torch.compile a one-row matmul is the fused reduction over the quantized bytes."""
+    torch._dynamo.reset()
+    lin, deq = _int8_cases() if kind == "int8" else _int4_case(int(kind.split("-g")[1]))
+    x = X[:1]
+    got = torch.compile(lambda v: lin(v), fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, x @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+def test_group_planar_layout():
+    """Byte j of group g holds q[g*G + j] (high nibble) and q[g*G + G/2 + j] (low nibble)."""
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8, generator=g)
+    p = ops.pack_group_planar(q, 32)
+    assert p.shape == (3, 2, 16) and torch.equal(ops.unpack_group_planar(p), q)
+    assert int(p[1, 1, 5]) == (int(q[1, 32 + 5]) << 4) | int(q[1, 32 + 16 + 5])
+    lin, _ = _int4_case(32)
+    assert lin.weight.dtype == torch.uint8 and lin.weight.shape == (96, 4, 16)  # the CPU layout
 
 
 @pytest.fixture(scope="module")

@@ -153,8 +153,11 @@ def test_disconnecting_clients_leave_no_used_blocks(server):
         t.join()
     # a non-streaming client that gives up (read timeout) is cancelled too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.3),
-                   json={"model": "tiny", "prompt": "Another long one", "max_tokens": 240, "ignore_eos": True})
+        # (the full answer takes ~0.6 s on this tiny model; the client leaves after 0.1 s and the
+        # server notices within POLL_S = 0.05 s)
+        httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.1),
+                   json={"model": "tiny", "prompt": "Another long one", "max_tokens": 250, "ignore_eos": True,
+                         "logprobs": 5})
     assert wait_for(lambda: server.metrics()["fmstack_kv_blocks_used"] == 0
                     and server.metrics()["fmstack_num_requests_running"] == 0), server.metrics()
     text = httpx.get(server.url + "/metrics").text
