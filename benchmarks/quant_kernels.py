@@ -6,16 +6,17 @@ weights, so nothing stays in the 32 MB L3) and reports ms per pass, G weights/s 
 streamed per second. Kernels:
 
   fp32 BLAS              F.linear on fp32 weights (the unquantized baseline)
+  fp32 reduction         fmstack.generation.compile.gemv_as_reduction, compiled (the CPU decode lowering)
   int8 native            aten._weight_int8pack_mm
   int8 fmstack eager     ops.int8_mm outside torch.compile
-  int8 fmstack compiled  ops.int8_mm inside torch.compile (M=1: the fused reduction)
+  int8 fmstack compiled  ops.int8_mm inside torch.compile (M <= ops.REDUCTION_MAX_ROWS: the fused reduction)
   int4 native            aten._weight_int4pack_mm_for_cpu (tinygemm-style CPU packing)
   int4 fmstack eager     ops.int4_mm on the group-planar layout outside torch.compile
-  int4 fmstack compiled  the same inside torch.compile (M=1: the fused reduction)
+  int4 fmstack compiled  the same inside torch.compile (M <= ops.REDUCTION_MAX_ROWS: the fused reduction)
 
 Timings of the kernels are interleaved per repeat; medians with [min-max].
 
-    python benchmarks/quant_kernels.py --rows 1,128 --threads 2 --out benchmarks/results/quant_kernels_cpu.json
+    python benchmarks/quant_kernels.py --rows 1,2,4,8,16,128 --threads 2 --out benchmarks/results/quant_kernels_cpu.json
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ def kernels(layers, group_size: int) -> dict:
                 fn(layer, xs[layer["k"]])
         return run
 
+    from fmstack.generation.compile import gemv_as_reduction
+
+    fp32_reduce = torch.compile(lambda w, x: gemv_as_reduction(x, w.T, max_rows=x.shape[0]), fullgraph=True,
+                                dynamic=False)
     compiled8 = torch.compile(lambda lin, x: lin(x), fullgraph=True, dynamic=False)
     compiled4 = torch.compile(lambda lin, x: lin(x), fullgraph=True, dynamic=False)
     ks = {
         "fp32 BLAS": (4.0, over_layers(lambda l, x: F.linear(x, l["fp32"]))),
+        "fp32 reduction": (4.0, over_layers(lambda l, x: fp32_reduce(l["fp32"], x))),
         "int8 native": (1.0, over_layers(lambda l, x: aten._weight_int8pack_mm(x, *l["q8"]))),
         "int8 fmstack eager": (1.0, over_layers(lambda l, x: l["int8"](x))),
         "int8 fmstack compiled": (1.0, over_layers(lambda l, x: compiled8(l["int8"], x))),
@@ -103,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     n_weights = sum(n * k for n, k in SHAPES) * LAYERS
     results = []
     with torch.inference_mode():
-        ks = kernels(layers, args.group_size)
         for m in rows:
+            torch._dynamo.reset()  # static-shape kernels: fresh graphs for each row count
+            ks = kernels(layers, args.group_size)
             xs = {k: torch.randn(m, k) for k in (576, 1536)}
             times: dict[str, list[float]] = {name: [] for name in ks}
             for _name, (_b, fn) in ks.items():

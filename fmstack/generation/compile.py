@@ -25,7 +25,11 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_ROWS = 1  # matmuls with up to this many rows become reductions (batch-1 decode)
+# Matmuls with up to this many rows become reductions: batch <= 8 decode, speculative verification.
+# Measured on SmolLM2's projections (benchmarks/quant_kernels.py "fp32 reduction" vs "fp32 BLAS", ms
+# per pass over 30 layers, 2 threads): 15 vs 39 for 1 row, 25 vs 60 for 2, 55 vs 55 for 4, 42 vs 44
+# for 8, 84 vs 66 for 16.
+GEMV_MAX_ROWS = 8
 
 
 def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Tensor:
@@ -111,6 +115,21 @@ def compile_kwargs(device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROW
     if frozen_attribute is not None:
         kw["options"]["guard_filter_fn"] = frozen_attribute_guards(frozen_attribute)
     return kw
+
+
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function recompile limit (default 8) to at least `limit`. Every `Generator`
+    of a process compiles the same methods (one static graph per batch size, per few-token length,
+    per greedy/sampled), and their graphs count against one limit per code object: three quantized
+    copies of a model benchmarked at five batch sizes already need 15; past the limit a
+    `fullgraph=True` compile fails."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the older name survives as an alias
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
 
 
 def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmstack.errors import ParameterError
-from fmstack.generation.compile import compile_decode
+from fmstack.generation.compile import GEMV_MAX_ROWS, allow_recompiles, compile_decode
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
 
@@ -134,13 +134,14 @@ class Generator:
         self.compiled = compile
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
         if compile:
+            allow_recompiles()
             self._prefill_step = torch.compile(self._prefill_impl, fullgraph=True)
             # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead); on CPU
             # its batch-1 matmuls become streaming reductions (see fmstack.generation.compile).
             self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model")
-        self._logits_one = self._logits_many = self._logits_impl
-        if compile:  # T == 1 gets a static graph, T > 1 one with a symbolic length
-            self._logits_one = compile_decode(self._logits_impl, self.device, frozen_attribute="model")
+        self._logits_few = self._logits_many = self._logits_impl
+        if compile:  # T <= GEMV_MAX_ROWS: static graphs (one per T), like decode; longer: a symbolic length
+            self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model")
             self._logits_many = torch.compile(self._logits_impl, fullgraph=True)
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
@@ -165,8 +166,8 @@ class Generator:
     def logits(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
         """Raw forward through the cache: tokens/positions `[B, T]` -> logits `[B, T, V]` (compiled
         when the generator is). Used where whole distributions are needed (speculative decoding)."""
-        if tokens.shape[1] == 1:  # on CUDA a CUDA graph: its output buffer is reused by the next call
-            out = self._logits_one(tokens, positions, cache)
+        if tokens.shape[1] <= GEMV_MAX_ROWS:  # on CUDA a CUDA graph: its output buffer is reused by the next call
+            out = self._logits_few(tokens, positions, cache)
             return out.clone() if self.compiled and self.device.type == "cuda" else out
         if self.compiled:
             torch._dynamo.mark_dynamic(tokens, 1)

@@ -90,10 +90,14 @@ class SpeculativeGenerator:
         detok = IncrementalDetokenizer(tgt.tokenizer, params.stop) if tgt.tokenizer is not None else None
 
         def probs(logits: Tensor) -> Tensor:  # [T, V] -> the sampling distributions [T, V]
+            if params.greedy:  # one-hot on the argmax (what filtered_probs gives, without its sort)
+                return torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
             t = logits.shape[0]
             return filtered_probs(logits, temperature.expand(t), top_k.expand(t), top_p.expand(t))
 
         def pick(p: Tensor) -> int:  # one draw from p [V]
+            if params.greedy:
+                return int(p.argmax())
             return int(draw(p[None], exponential_noise((1, vocab), [gen], dev))[0])
 
         def pos(start: int, count: int) -> Tensor:

@@ -3,16 +3,16 @@ version) gets and how it wants its weights laid out. Every function computes `x 
 
 int8 (`w ~= q * scale`, q int8 `[N, K]`, scales `[N]`):
   CUDA                 `aten._weight_int8pack_mm(x, q, scales)`.
-  CPU, one row         `(x * q).sum(-1) * scales`, which Inductor emits as one vectorized reduction
-                       streaming the int8 weight once (batch-1 decode).
-  CPU, several rows    `F.linear(x, q.to(x.dtype)) * scales` (BLAS).
+  CPU, <= 16 rows      `(x * q).sum(-1) * scales`, which Inductor emits as one vectorized reduction
+                       streaming the int8 weight once per row (decode, speculative verification).
+  CPU, more rows       `F.linear(x, q.to(x.dtype)) * scales` (BLAS).
 int4 (group-wise asymmetric: value = (q - 8) * scale + zero, q in 0..15, groups of G input columns;
       `scales_and_zeros [K/G, N, 2]`):
   CUDA                 tinygemm: `_convert_weight_to_int4pack` + `_weight_int4pack_mm` (bf16).
   CPU                  "group-planar" bytes `[N, K/G, G/2]`: byte j of group g holds q[g*G + j] in its
                        high nibble and q[g*G + G/2 + j] in its low nibble, so both nibbles of a byte
-                       meet contiguous activations. One row: a fused reduction over the packed
-                       bytes; several rows: dequantize + BLAS. scales/zeros stay fp32.
+                       meet contiguous activations. <= 16 rows: a fused reduction over the packed
+                       bytes; more rows: dequantize + BLAS. scales/zeros stay fp32.
   other devices        unpacked q `[N, K]`, dequantize + matmul.
 The CPU kernels are written for Inductor: inside a compiled model they fuse into its graph, and eager
 callers get them compiled once per process (`_cpu_kernel`).
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 INT4_INNER_K_TILES = 2  # K must be a multiple of 16 * this for the CUDA packer
+# CPU: matmuls with at most this many rows stream the quantized weight in a fused reduction, more rows
+# dequantize and use BLAS (the crossover measured by benchmarks/quant_kernels.py --rows 1,2,4,8,16)
+REDUCTION_MAX_ROWS = 16
 
 
 def _compiling() -> bool:
@@ -51,8 +54,18 @@ def has_native_int4(device: torch.device) -> bool:
 
 # -- int8 -----------------------------------------------------------------------------------------
 
-def _int8_cpu(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    if x.shape[0] == 1:  # a streaming reduction over the int8 rows, once Inductor fuses it
+def _few_rows(x: Tensor, specialize: bool) -> bool:
+    """Whether x `[M, K]` takes the reduction. A symbolic M (a compiled prefill of any length) takes
+    BLAS without adding a guard, unless `specialize` (the eager kernels: one graph per side)."""
+    if specialize:
+        return x.shape[0] <= REDUCTION_MAX_ROWS
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(x.shape[0] <= REDUCTION_MAX_ROWS)
+
+
+def _int8_cpu(x: Tensor, weight: Tensor, scales: Tensor, specialize: bool = False) -> Tensor:
+    if _few_rows(x, specialize):  # a streaming reduction over the int8 rows, once Inductor fuses it
         acc = (x.float()[:, None, :] * weight.float()[None]).sum(-1)
         return (acc * scales.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
@@ -116,20 +129,20 @@ def _planar_dequantize(packed: Tensor, scales_and_zeros: Tensor, dtype: torch.dt
 
 
 def _planar_gemv(x: Tensor, packed: Tensor, scales_and_zeros: Tensor) -> Tensor:
-    """x `[1, K]` -> `[1, N]` straight from the planar bytes: per group g,
-    sum_j x_hi[j] q_hi[j] s + x_lo[j] q_lo[j] s + (x_hi[j] + x_lo[j]) (z - 8 s), with q - 8 = value / s."""
+    """x `[M, K]` (few rows) -> `[M, N]` straight from the planar bytes: per group g,
+    sum_j x_hi[j] q_hi[j] s + x_lo[j] q_lo[j] s + (x_hi[j] + x_lo[j]) (z - 8 s)."""
     n, groups, half = packed.shape
-    xg = x.float().reshape(groups, 2, half)
-    x_hi, x_lo = xg[:, 0], xg[:, 1]  # [K/G, G/2]: the activations of each byte's two nibbles
+    xg = x.float().reshape(x.shape[0], 1, groups, 2, half)
+    x_hi, x_lo = xg[:, :, :, 0], xg[:, :, :, 1]  # [M, 1, K/G, G/2]: the activations of each byte's nibbles
     s = scales_and_zeros[..., 0].T.float()[..., None]  # [N, K/G, 1]
     z8 = scales_and_zeros[..., 1].T.float()[..., None] - 8.0 * s
     hi, lo = (packed >> 4).float(), (packed & 0xF).float()
     out = ((hi * x_hi + lo * x_lo) * s + (x_hi + x_lo) * z8).sum((-2, -1))
-    return out[None].to(x.dtype)
+    return out.to(x.dtype)
 
 
-def _int4_cpu(x: Tensor, weight: Tensor, scales_and_zeros: Tensor) -> Tensor:
-    if x.shape[0] == 1:
+def _int4_cpu(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, specialize: bool = False) -> Tensor:
+    if _few_rows(x, specialize):
         return _planar_gemv(x, weight, scales_and_zeros)
     return F.linear(x, _planar_dequantize(weight, scales_and_zeros, x.dtype))
 
@@ -166,7 +179,8 @@ def _cpu_kernel(fn: Callable) -> Callable:
         return fn
     kernel = _compiled_kernels.get(fn)
     if kernel is None:
-        kernel = _compiled_kernels[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        kernel = _compiled_kernels[fn] = torch.compile(lambda *a: fn(*a, specialize=True), dynamic=True,
+                                                       fullgraph=True)
 
     def run(*args: Tensor) -> Tensor:
         global _compile_failed

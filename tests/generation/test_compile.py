@@ -114,3 +114,12 @@ def test_generators_of_different_models_do_not_share_graphs(tiny):
             for m in (tiny, q8, other)]
     assert got == want + want
     assert want[0] != want[2]  # the two float models really differ
+
+
+def test_compiled_generator_raises_the_shared_recompile_limit(tiny):
+    """Every Generator compiles the same methods; their graphs share dynamo's per-function limit."""
+    from fmstack.generation.compile import RECOMPILE_LIMIT
+
+    with torch._dynamo.config.patch(recompile_limit=8):
+        Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
+        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT

@@ -195,3 +195,34 @@ def test_compiled_step_has_no_graph_breaks(tiny):
                                           max_model_len=128, compile=True))
     outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=5)))
     assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
+
+
+def test_quantized_model_on_the_engine_thread_matches_solo_greedy(tiny):
+    """int8 / int4 models served from the engine's background thread (where the quantized CPU kernels
+    are compiled on first use) give the tokens the same quantized model gives alone."""
+    import copy
+    import threading
+
+    from fmstack.quant import QuantSpec, quantize_model
+
+    ps = prompts([6, 21, 9])
+    for spec in (QuantSpec("int8"), QuantSpec("int4", 32)):
+        q = quantize_model(copy.deepcopy(tiny), spec)
+        ref = reference(q, ps, 10)
+        eng = Engine(q, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+        outs, done = {}, threading.Event()
+
+        def cb(o, outs=outs, done=done):
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finished and len([k for k in outs]) == len(ps) and all(
+                    len(v) == 10 for v in outs.values()):
+                done.set()
+
+        eng.start()
+        try:
+            for i, p in enumerate(ps):
+                eng.add_request(str(i), p, RequestParams(SamplingParams(max_new_tokens=10)), cb)
+            assert done.wait(120), outs
+        finally:
+            eng.shutdown()
+        assert outs == {str(i): r for i, r in enumerate(ref)}, spec
