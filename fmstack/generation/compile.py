@@ -4,10 +4,10 @@ On CPU, batch-1 decode is a chain of matrix-vector products and is bound by read
 once per token. `torch.compile` by default sends every `x @ W.T` to the BLAS library (MKL's sgemv),
 which on the AMD EPYC machines we measured streams weights at roughly a third of the memory
 bandwidth (see `benchmarks/cpu_gemv_study.py`). `compile_decode` instead has Inductor lower
-every matmul with at most `gemv_max_rows` rows to `(x[:, :, None] * W.T[None]).sum(1)`, which it
-emits as one vectorized streaming reduction over each weight row, and runs the graph's wrapper in
-C++ (`cpp_wrapper`, no Python between the ~250 kernels of a step). Results equal the BLAS ones up
-to float summation order.
+every matmul with at most `gemv_max_rows` rows to one `(x[i, :, None] * W.T).sum(0)` per row `i`,
+which it emits as one vectorized streaming pass over the weight rows with an accumulator per input
+row, and runs the graph's wrapper in C++ (`cpp_wrapper`, no Python between the ~250 kernels of a
+step). Results equal the BLAS ones up to float summation order.
 
 CUDA keeps the stock Inductor lowering (`mode="reduce-overhead"`: CUDA graphs).
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # Matmuls with up to this many rows become reductions: batch <= 8 decode, speculative verification.
 # Measured on SmolLM2's projections (benchmarks/quant_kernels.py "fp32 reduction" vs "fp32 BLAS", ms
-# per pass over 30 layers, 2 threads): 15 vs 39 for 1 row, 25 vs 60 for 2, 55 vs 55 for 4, 42 vs 44
-# for 8, 84 vs 66 for 16.
+# per pass over 30 layers, 2 threads): 20 vs 40 for 1 row, 20 vs 69 for 2, 27 vs 54 for 4, 40 vs 61
+# for 8, 64 vs 55 for 16.
 GEMV_MAX_ROWS = 8
 
 
@@ -45,8 +45,25 @@ def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Te
     if not statically_known_true(a.shape[0] <= max_rows):
         return NotImplemented
     acc = torch.promote_types(a.dtype, torch.float32)
-    out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+    # Store `a` before the reduction: otherwise Inductor inlines its producer (SwiGLU's silu, RMSNorm)
+    # into the reduction and recomputes it once per output column.
+    a = torch.ops.prims.inductor_force_stride_order(a, a.stride())
+    rows = a.shape[0]
+    if isinstance(rows, int) and rows > 1:
+        # One reduction per row, all over the same `b`: Inductor fuses them into one loop over `b`'s
+        # columns with a register accumulator per row, so each weight row is read once for all rows
+        # (the single `[M, K, N]` reduction reads it once per row).
+        out = torch.stack([(a[i].to(acc).unsqueeze(1) * b.to(acc)).sum(0) for i in range(rows)])
+    else:
+        out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
     return out.to(torch.promote_types(a.dtype, b.dtype))
+
+
+def _has_collectives(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph calls torch.distributed's functional collectives (`_c10d_functional`)."""
+    names = ("c10d_functional", "_functional_collectives")
+    return any(node.op == "call_function" and any(n in str(node.target) for n in names)
+               for node in gm.graph.nodes)
 
 
 def _cpu_backend(max_rows: int, options: dict[str, Any]) -> Callable:
@@ -67,11 +84,16 @@ def _cpu_backend(max_rows: int, options: dict[str, Any]) -> Callable:
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         decomps = dict(select_decomp_table())
         decomps[aten.mm.default] = mm
+        patches = dict(options)
+        if patches.get("cpp_wrapper") and _has_collectives(gm):
+            # torch 2.13's C++ wrapper cannot call the functional collectives (tensor parallel):
+            # "arg type Any is not yet supported by custom_op_wrapper"
+            patches["cpp_wrapper"] = False
         # The AOTAutograd cache keys on the graph before decomposition and ignores `decompositions`:
         # it would hand back the stock (BLAS) build of the same graph. Inductor's own FX graph cache
         # sees the decomposed graph and stays on.
         with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=dict(options), decompositions=decomps)
+            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decomps)
 
     backend.__name__ = f"inductor_cpu_gemv{max_rows}"
     return backend

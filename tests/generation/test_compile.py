@@ -96,6 +96,34 @@ def test_batch1_decode_reductions_equal_blas(tiny):
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_few_row_matmul_reduction_equals_blas(rows):
+    """The decode backend's lowering of an `[M, K] @ [K, N]` with a pointwise producer (one
+    reduction per row, fused over the weight) equals BLAS."""
+    from fmstack.generation.compile import compile_kwargs
+
+    torch._dynamo.reset()
+    w = torch.randn(96, 64)
+    x = torch.randn(rows, 64)
+    fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **compile_kwargs("cpu"))
+    torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_collective_graphs_are_detected():
+    """Graphs with functional collectives (tensor parallel) compile without the C++ wrapper, which
+    cannot call them; other graphs keep it."""
+    import torch.fx as fx
+    from fmstack.generation.compile import _has_collectives
+
+    plain = fx.symbolic_trace(lambda v: torch.relu(v) + 1)
+    assert not _has_collectives(plain)
+    graph = fx.Graph()
+    v = graph.placeholder("v")
+    r = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (v, "sum", "0"))
+    graph.output(graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (r,)))
+    assert _has_collectives(fx.GraphModule(torch.nn.Module(), graph))
+
+
 def test_generators_of_different_models_do_not_share_graphs(tiny):
     """The compiled decode skips guards on the model's attributes, so each Generator must get its own
     graphs: a float and an int8 copy of one model, compiled in one process, each match their eager run."""

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmstack.errors import ParameterError
 from fmstack.loading import load_model
@@ -60,14 +61,16 @@ def test_kernels_match_dequantized_reference(kind, rows):
     torch.testing.assert_close(lin(x), x @ deq.T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g128"])
-def test_compiled_one_row_reduction_matches_reference(kind):
-    """Under torch.compile a one-row matmul is the fused reduction over the quantized bytes."""
+def test_compiled_few_row_reduction_matches_reference(kind, rows):
+    """Under torch.compile a matmul of few rows is the fused reduction over the quantized bytes (one
+    accumulator per row), here fed by a SwiGLU-like producer that is stored before it."""
     torch._dynamo.reset()
     lin, deq = _int8_cases() if kind == "int8" else _int4_case(int(kind.split("-g")[1]))
-    x = X[:1]
-    got = torch.compile(lambda v: lin(v), fullgraph=True, dynamic=False)(x)
-    torch.testing.assert_close(got, x @ deq.T, rtol=1e-4, atol=1e-4)
+    x = X[:rows]
+    got = torch.compile(lambda v: lin(F.silu(v) * v), fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, (F.silu(x) * x) @ deq.T, rtol=1e-4, atol=1e-4)
 
 
 def test_group_planar_layout():
