@@ -493,7 +493,9 @@ def _stats(values: list[float]) -> dict:
             "values": [round(v, 6) for v in values]}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict | None:
+    """Run the benchmark `args` describe, write `--out`/`--plot`, and return the report (None on the
+    ranks of a torchrun job other than 0)."""
     import torch
 
     from fmstack.errors import ParameterError
@@ -602,8 +604,7 @@ def run(args: argparse.Namespace) -> int:
 
         report["meta"].update(parallel=parallel, world_size=dist.get_world_size())
         if dist.get_rank() != 0:
-            return 0
-    print_table(report)
+            return None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -611,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
         log.info("wrote %s", args.plot)
-    return 0
+    return report
 
 
 def build_report(args, device, dtype, systems: list[System], batch_sizes, load_start, load_end,
@@ -697,29 +698,30 @@ def build_report(args, device, dtype, systems: list[System], batch_sizes, load_s
     }
 
 
-def print_table(report: dict) -> None:
+def format_table(report: dict) -> str:
+    """The report as a text table: one line per system and batch size (what `fmstack bench` prints)."""
     m = report["meta"]
     load = m["load_avg_start"]
-    print(f"# {m['model']} {m['dtype']} on {m['device_name']}, {m['threads']} threads, torch {m['torch']}, "
-          f"prompt {m['prompt_len']}, {m['new_tokens']} new tokens, {m['repeats']} repeats"
-          + (f", load avg {load[0]:.2f} -> {m['load_avg_end'][0]:.2f}" if load else ""))
+    lines = [f"# {m['model']} {m['dtype']} on {m['device_name']}, {m['threads']} threads, torch {m['torch']}, "
+             f"prompt {m['prompt_len']}, {m['new_tokens']} new tokens, {m['repeats']} repeats"
+             + (f", load avg {load[0]:.2f} -> {m['load_avg_end'][0]:.2f}" if load else "")]
     header = (f"{'system':<13} {'batch':>5} {'tok/s median [min-max]':>26} {'ms/step':>8} {'prefill tok/s':>13} "
               f"{'TTFT ms':>8} {'GB/s':>6} {'peak MB':>8} {'vs HF eager':>11} {'vs fmstack':>10} "
               f"{'vs llama.cpp':>12}")
-    print(header)
-    print("-" * len(header))
+    lines += [header, "-" * len(header)]
     for r in report["results"]:
         t = r["decode_tok_s"]
         spread = f"{t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}]"
         ratios = [f"{r[k]:.2f}x" if r.get(k) else "-" for k in ("ratio_vs_hf_eager", "ratio_vs_fmstack",
                                                                  "ratio_vs_llamacpp")]
-        print(f"{r['system']:<13} {r['batch_size']:>5} {spread:>26} {r['ms_per_step']['median']:>8.2f} "
-              f"{r['prefill_tok_s']['median']:>13.1f} {1e3 * r['ttft_s']['median']:>8.1f} "
-              f"{r['weight_gb_s']['median']:>6.1f} {r['peak_mb']:>8.0f} {ratios[0]:>11} {ratios[1]:>10} "
-              f"{ratios[2]:>12}")
+        lines.append(f"{r['system']:<13} {r['batch_size']:>5} {spread:>26} {r['ms_per_step']['median']:>8.2f} "
+                     f"{r['prefill_tok_s']['median']:>13.1f} {1e3 * r['ttft_s']['median']:>8.1f} "
+                     f"{r['weight_gb_s']['median']:>6.1f} {r['peak_mb']:>8.0f} {ratios[0]:>11} {ratios[1]:>10} "
+                     f"{ratios[2]:>12}")
         if "acceptance_rate" in r:
-            print(f"{'':<13} {'':>5} speculative: acceptance {100 * r['acceptance_rate']:.1f}%, "
-                  f"{r['mean_accepted']:.2f} draft tokens accepted per round")
+            lines.append(f"{'':<13} {'':>5} speculative: acceptance {100 * r['acceptance_rate']:.1f}%, "
+                         f"{r['mean_accepted']:.2f} draft tokens accepted per round")
+    return "\n".join(lines)
 
 
 def require_matplotlib() -> None:
@@ -765,15 +767,3 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path)
     plt.close(fig)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python benchmarks/decode.py", description=__doc__.splitlines()[0])
-    configure(p)
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -250,7 +250,10 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fmstack import bench
 
-    return bench.run(args)
+    report = bench.run(args)
+    if report is not None:  # None on the ranks of a torchrun job that do not report
+        print(bench.format_table(report))
+    return 0
 
 
 def _configure_quantize(p: argparse.ArgumentParser) -> None:
@@ -303,7 +306,9 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from fmstack.train import command as finetune
 
-    return finetune.run(args)
+    summary = finetune.run(args)
+    print(json.dumps(summary) if args.json else finetune.format_summary(summary))
+    return 0
 
 
 def _configure_serve(p: argparse.ArgumentParser) -> None:

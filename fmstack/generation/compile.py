@@ -32,6 +32,20 @@ log = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 8
 
 
+def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`fn(x)` for a reduction `fn` over the rows of x `[M, K]` against one weight, for Inductor (call it
+    only while compiling). x is stored first: otherwise Inductor inlines x's producer (SwiGLU's silu,
+    RMSNorm) into the reduction and recomputes it once per output column. A static M > 1 becomes one
+    `fn` per row, concatenated: Inductor fuses those reductions into one pass over the weight with an
+    accumulator per row, so the weight is read once for all rows (one `[M, N, K]` reduction reads it
+    once per row)."""
+    x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    rows = x.shape[0]
+    if isinstance(rows, int) and rows > 1:
+        return torch.cat([fn(x[i:i + 1]) for i in range(rows)])
+    return fn(x)
+
+
 def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Tensor:
     """`a @ b` for `a [M, K]`, `b [K, N]` (typically `W.T`, a view of `W [N, K]`), written as a
     product and a sum over K, which Inductor lowers to a vectorized reduction (NotImplemented for
@@ -45,17 +59,7 @@ def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Te
     if not statically_known_true(a.shape[0] <= max_rows):
         return NotImplemented
     acc = torch.promote_types(a.dtype, torch.float32)
-    # Store `a` before the reduction: otherwise Inductor inlines its producer (SwiGLU's silu, RMSNorm)
-    # into the reduction and recomputes it once per output column.
-    a = torch.ops.prims.inductor_force_stride_order(a, a.stride())
-    rows = a.shape[0]
-    if isinstance(rows, int) and rows > 1:
-        # One reduction per row, all over the same `b`: Inductor fuses them into one loop over `b`'s
-        # columns with a register accumulator per row, so each weight row is read once for all rows
-        # (the single `[M, K, N]` reduction reads it once per row).
-        out = torch.stack([(a[i].to(acc).unsqueeze(1) * b.to(acc)).sum(0) for i in range(rows)])
-    else:
-        out = (a.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1)
+    out = rowwise(lambda rows: (rows.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1), a)
     return out.to(torch.promote_types(a.dtype, b.dtype))
 
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fmstack.generation.compile import rowwise
+
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
@@ -65,31 +67,11 @@ def _few_rows(x: Tensor, specialize: bool) -> bool:
     return statically_known_true(x.shape[0] <= REDUCTION_MAX_ROWS)
 
 
-def _stored(x: Tensor) -> Tensor:
-    """x itself; inside torch.compile, materialized before the reduction that reads it (else Inductor
-    inlines x's producer, e.g. SwiGLU's silu, into the reduction and recomputes it per output column)."""
-    return torch.ops.prims.inductor_force_stride_order(x, x.stride()) if _compiling() else x
-
-
-def _static_rows(x: Tensor) -> int:
-    """x's row count where it is a static number above 1 (inside a static-shape compile), else 0."""
-    rows = x.shape[0]
-    return rows if isinstance(rows, int) and rows > 1 and _compiling() else 0
-
-
-def _per_row(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`fn(x)` for x `[M, K]` as one `fn` per row, concatenated: reductions over the same weight that
-    Inductor fuses into one pass over it with an accumulator per row, so the weight is read once for
-    all M rows (one `[M, N, K]` reduction reads it once per row)."""
-    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
-
-
 def _int8_cpu(x: Tensor, weight: Tensor, scales: Tensor, specialize: bool = False) -> Tensor:
     if _few_rows(x, specialize):  # a streaming reduction over the int8 rows, once Inductor fuses it
-        x = _stored(x)
         def gemv(rows: Tensor) -> Tensor:
             return (rows.float()[:, None, :] * weight.float()[None]).sum(-1)
-        acc = _per_row(gemv, x) if _static_rows(x) else gemv(x)
+        acc = rowwise(gemv, x) if _compiling() else gemv(x)
         return (acc * scales.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
@@ -166,10 +148,9 @@ def _planar_gemv(x: Tensor, packed: Tensor, scales_and_zeros: Tensor) -> Tensor:
 
 def _int4_cpu(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, specialize: bool = False) -> Tensor:
     if _few_rows(x, specialize):
-        x = _stored(x)
-        if _static_rows(x):
-            return _per_row(lambda rows: _planar_gemv(rows, weight, scales_and_zeros), x)
-        return _planar_gemv(x, weight, scales_and_zeros)
+        def gemv(rows: Tensor) -> Tensor:
+            return _planar_gemv(rows, weight, scales_and_zeros)
+        return rowwise(gemv, x) if _compiling() else gemv(x)
     return F.linear(x, _planar_dequantize(weight, scales_and_zeros, x.dtype))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -64,7 +63,8 @@ def _train_config(args: argparse.Namespace):
                        save_every=args.save_every)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> dict:
+    """Fine-tune as `args` say, save to `--out`, and return the run's summary (what `--json` prints)."""
     import torch
 
     from fmstack.checkpoints.native import save_checkpoint
@@ -120,11 +120,12 @@ def run(args: argparse.Namespace) -> int:
         "last_loss": round(result.last_loss, 6), "tokens_per_s": round(result.tokens_per_s(), 2),
         "losses": [round(s.loss, 6) for s in result.log],
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"finetune {summary['mode']}: steps {result.resumed_from}->{result.steps}  loss "
-              f"{result.first_loss:.4f} -> {result.last_loss:.4f}  {summary['tokens_per_s']:.0f} tokens/s  "
-              f"saved to {out}")
-    return 0
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """One line for a person: steps, first and last loss, speed, where the model went."""
+    return (f"finetune {summary['mode']}: steps {summary['resumed_from']}->{summary['steps']}  loss "
+            f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}  {summary['tokens_per_s']:.0f} tokens/s  "
+            f"saved to {summary['out']}")
 

@@ -96,17 +96,21 @@ def test_batch1_decode_reductions_equal_blas(tiny):
                                        rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_few_row_matmul_reduction_equals_blas(rows):
-    """The decode backend's lowering of an `[M, K] @ [K, N]` with a pointwise producer (one
-    reduction per row, fused over the weight) equals BLAS."""
-    from fmstack.generation.compile import compile_kwargs
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_few_row_matmul_reduction_equals_blas(rows, monkeypatch):
+    """The decode backend lowers an `[M, K] @ [K, N]` of up to GEMV_MAX_ROWS rows (here with a
+    pointwise producer) to per-row reductions, more rows to BLAS; both equal eager BLAS."""
+    from fmstack.generation import compile as gc
 
+    lowered = []
+    real_rowwise = gc.rowwise
+    monkeypatch.setattr(gc, "rowwise", lambda fn, x: lowered.append(x.shape[0]) or real_rowwise(fn, x))
     torch._dynamo.reset()
     w = torch.randn(96, 64)
     x = torch.randn(rows, 64)
-    fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **compile_kwargs("cpu"))
+    fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **gc.compile_kwargs("cpu"))
     torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) @ w.T, rtol=1e-5, atol=1e-5)
+    assert lowered == ([rows] if rows <= gc.GEMV_MAX_ROWS else [])
 
 
 def test_collective_graphs_are_detected():
