@@ -1,0 +1,90 @@
+"""Arguments shared by every command that runs a model: one definition, one set of defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+from fmstack.checkpoints.named import DEFAULT_MODEL
+from fmstack.errors import ParameterError
+from fmstack.generation.speculative import MAX_SPECULATE_K
+from fmstack.loading import LoadedModel, load_model
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry name, checkpoint path (.gguf, HF dir, Meta dir) or random:<config> "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="run dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model calls (default: on for CUDA, off for CPU, where a one-off "
+                        "run spends longer compiling than it saves)")
+    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
+                   help="restrict scaled_dot_product_attention to one backend (default auto)")
+    p.add_argument("--parallel", default="none", choices=["none", "tp", "pp", "cp"],
+                   help="split the model over the ranks of a torchrun job: tp (tensor parallel), pp "
+                        "(pipeline parallel) or cp (context parallel: ring attention, the sequence and "
+                        "KV cache split); launch with torchrun --nproc-per-node N -m fmstack ...")
+    add_quant_args(p)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the projections at load (weight-only; int4 is group-wise)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model named by the common model arguments, loaded (and quantized) as they say."""
+    return load_model(args.model, device=args.device, dtype=args.dtype,
+                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", 32),
+                      parallel=getattr(args, "parallel", None))
+
+
+def want_compile(args: argparse.Namespace) -> bool:
+    """--compile/--no-compile, or the device default (on for CUDA)."""
+    return args.compile if args.compile is not None else args.device.startswith("cuda")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", default=None,
+                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round")
+    g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="draft with a quantized copy of the target (or of --draft-model when given)")
+    g.add_argument("--speculate-k", type=int, default=None,
+                   help="draft tokens proposed per round, 1..16 (default 4 when a draft is set)")
+
+
+def check_speculative_args(args: argparse.Namespace) -> None:
+    has_draft = args.draft_model is not None or args.draft_quantize is not None
+    if args.speculate_k is not None and not has_draft:
+        raise ParameterError("--speculate-k needs a draft: pass --draft-model M and/or --draft-quantize int8|int4")
+    if args.speculate_k is not None and not 1 <= args.speculate_k <= MAX_SPECULATE_K:
+        raise ParameterError(f"--speculate-k {args.speculate_k} is invalid: must be in [1, {MAX_SPECULATE_K}]")
+    if has_draft and getattr(args, "parallel", "none") not in (None, "none"):
+        raise ParameterError("--draft-model/--draft-quantize cannot be combined with --parallel")
+
+
+def load_draft(args: argparse.Namespace) -> LoadedModel | None:
+    """The draft model for --draft-model/--draft-quantize, or None when speculative decoding is off."""
+    if args.draft_model is None and args.draft_quantize is None:
+        return None
+    spec = args.draft_model or args.model
+    return load_model(spec, device=args.device, dtype=args.dtype, quantize=args.draft_quantize,
+                      group_size=args.group_size)
+
+
+def positive(name: str, value: int | None) -> None:
+    """Refuse a value <= 0 for option `name` (None means unset and passes)."""
+    if value is not None and value <= 0:
+        raise ParameterError(f"{name} {value} is invalid: must be >= 1")

@@ -1,0 +1,89 @@
+"""`fmstack generate`: one prompt in, text out (optionally streamed, speculative, as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from fmstack.commands.common import (add_model_args, add_sampling_args, add_speculative_args,
+                                     check_speculative_args, load_draft, load_from_args, want_compile)
+from fmstack.errors import FmstackError
+from fmstack.generation.generate import Generator
+from fmstack.generation.sampling import SamplingParams
+from fmstack.generation.speculative import SpeculativeGenerator
+
+log = logging.getLogger("fmstack")
+
+HELP = "generate text from a prompt"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="prompt text")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    add_speculative_args(p)
+
+
+def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
+    if tok is None:
+        raise FmstackError(f"--model {args.model}: this model has no tokenizer, so it cannot take a text prompt")
+    text = args.prompt
+    if args.chat:
+        if not tok.chat_template:
+            raise FmstackError(f"--chat: the model {args.model} has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tok.encode(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    check_speculative_args(args)
+    loaded = load_from_args(args)
+    prompt_ids = _prompt_ids(args, loaded.tokenizer)
+    gen = Generator(loaded.model, loaded.tokenizer, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
+    stream = (lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if args.stream else None
+    draft = load_draft(args)
+    k = 4 if args.speculate_k is None else args.speculate_k
+    if draft is not None:
+        draft_gen = Generator(draft.model, draft.tokenizer, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
+        result = SpeculativeGenerator(gen, draft_gen, k).generate(prompt_ids, params, on_text=stream)
+    else:
+        result = gen.generate([prompt_ids], params, on_text=stream)[0]
+    if args.stream:
+        sys.stdout.write("\n")
+    if args.json:
+        print(json.dumps(_json_report(loaded, prompt_ids, result, draft, args.draft_quantize, k)))
+        return 0
+    if not args.stream:
+        print(result.text)
+    log.info("prefill %.3fs, decode %.1f tok/s (%d tokens, %s)", result.prefill_s,
+             result.decode_tokens_per_s, len(result.token_ids), result.finish_reason)
+    if draft is not None:
+        log.info("speculative k=%d: acceptance %.1f%%, %.2f draft tokens accepted per round", k,
+                 100 * result.acceptance_rate, result.mean_accepted)
+    return 0
+
+
+def _json_report(loaded, prompt_ids: list[int], result, draft, draft_quantize: str | None, k: int) -> dict:
+    report = {
+        "model": loaded.source,
+        "text": result.text,
+        "prompt_token_ids": prompt_ids,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "load_s": round(loaded.load_s, 4),
+        "prefill_s": round(result.prefill_s, 4),
+        "decode_s": round(result.decode_s, 4),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+    }
+    if draft is not None:
+        report.update({"draft_model": draft.source, "draft_quantize": draft_quantize, "speculate_k": k,
+                       "acceptance_rate": round(result.acceptance_rate, 4),
+                       "mean_accepted": round(result.mean_accepted, 4)})
+    return report
