@@ -79,11 +79,11 @@ def make_quantized(base, mode: str, calib: torch.Tensor, act_order: bool):
 def dequantized_copy(model, keep: dict):
     """The quantized model with every quantized projection replaced by an fp32 nn.Linear holding its
     dequantized weight: the same function the int8/int4 kernels compute (up to summation order)."""
-    from fmstack.quant import _set_module, quantizable_linears
+    from fmstack.quant import _set_module, quantizable_linears, spec_of
     from fmstack.quant.linear import dequantize_int4
     from fmstack.quant.ops import unpack_uint4
 
-    spec = model.quant_spec
+    spec = spec_of(model)
     out = copy.deepcopy(model)
     for name, mod in quantizable_linears(out):
         q, s = keep[f"{name}.qweight"], keep[f"{name}.scales"]

@@ -2,30 +2,41 @@
 
 The model is built on the meta device, materialized once in its run dtype on its device, and
 filled tensor by tensor from the checkpoint, so peak memory stays near one copy of the weights.
+Every source, `random:<config>` included, is a checkpoint reader (`fmstack.checkpoints`); model
+construction is `fmstack.models.build`, multi-process plans are `fmstack.parallel`. Stages that take
+a second or more (tokenizer, build, reading/dequantizing weights, quantizing) log one info line
+each: SmolLM2-135M Q4_1 GGUF spends most of its load dequantizing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fmstack.config import ModelConfig, named_config
+from fmstack.checkpoints import Checkpoint, is_generated, load_weights, open_checkpoint
+from fmstack.checkpoints.named import resolve_model_path
+from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
-from fmstack.models.llama import Transformer
+from fmstack.models.build import build_meta, build_model, materialize_meta
+from fmstack.models.protocol import CausalLM
+from fmstack.parallel import ParallelPlan, dist, make_plan
+from fmstack.quant import QuantSpec, load_quantized, quantize_model
+from fmstack.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGE_LOG_S = 1.0  # a loading stage at least this long gets an info line (shorter: debug)
 
 
 @dataclass
 class LoadedModel:
-    model: Transformer
+    model: CausalLM
     tokenizer: object | None
     config: ModelConfig
     source: str  # path of the checkpoint, or random:<config>
@@ -52,35 +63,25 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build on the meta device and materialize (uninitialized) parameters directly on `device`."""
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    model = model.to_empty(device=device)
-    model.tie_weights()
-    return model
-
-
-def materialize_meta(model: nn.Module, device: torch.device) -> None:
-    """Give every parameter still on the meta device real (uninitialized) storage on `device`."""
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+@contextlib.contextmanager
+def _stage(what: str):
+    """Time one loading stage; info line when it took STAGE_LOG_S or more, else debug."""
+    t0 = time.perf_counter()
+    yield
+    dt = time.perf_counter() - t0
+    log.log(logging.INFO if dt >= STAGE_LOG_S else logging.DEBUG, "loading: %s took %.1fs", what, dt)
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
                seed: int = 0, quantize: str | None = None, group_size: int = 32,
                parallel: str | None = None) -> LoadedModel:
     """`spec`: a registry name, a checkpoint path (.gguf, HF dir, Meta dir, fmstack dir), or
-    `random:<config name>`. `quantize` (int8 | int4) quantizes the projections after loading;
-    quantized fmstack checkpoints load their quantized weights directly. `parallel` (tp | pp, under
-    torchrun) joins the process group and loads only this rank's part (see `fmstack.parallel`);
-    an error on any rank fails every rank."""
+    `random:<config name>` (weights drawn from `seed`). `quantize` (int8 | int4) quantizes the
+    projections after loading; quantized fmstack checkpoints load their quantized weights directly.
+    `parallel` (tp | pp | cp, under torchrun) joins the process group and loads only this rank's
+    part (see `fmstack.parallel`); an error on any rank fails every rank."""
     if parallel in (None, "none"):
         return _load(spec, device, dtype, seed, quantize, group_size)
-    from fmstack.parallel import dist, make_plan
-
     info = dist.init_distributed(parse_device(device) if isinstance(device, str) else device)
     loaded, error = None, None
     try:
@@ -94,10 +95,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     return loaded
 
 
-def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size: int, plan=None) -> LoadedModel:
+def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size: int,
+          plan: ParallelPlan | None = None) -> LoadedModel:
     """`load_model` for one process; `plan` builds and slices this rank's part of the model."""
-    from fmstack.quant import QuantSpec, load_quantized, quantize_model
-
     device = parse_device(device) if isinstance(device, str) else device
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if quantize == "gptq":
@@ -105,60 +105,59 @@ def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size:
                              "and load DIR")
     qspec = QuantSpec(quantize, group_size) if quantize else None
     t0 = time.perf_counter()
-    if spec.startswith("random:"):
-        config = named_config(spec.split(":", 1)[1])
-        tokenizer, fmt = None, "random"
-        if plan is None:
-            model = build_model(config, device, dtype)
-            g = torch.Generator(device=device)
-            g.manual_seed(seed)
-            model.init_weights(generator=g)
-        else:  # each rank draws the same full tensors, keeps its part
-            from fmstack.checkpoints import load_weights
-            from fmstack.parallel import random_checkpoint
-
-            model = plan.build(config, device, dtype)
-            load_weights(model, random_checkpoint(config, seed), plan.slice_for)
+    ckpt = open_checkpoint(spec if is_generated(spec) else resolve_model_path(spec), seed=seed, device=device)
+    with _stage("tokenizer"):  # first: its temporaries are freed before the weights are materialized
+        tokenizer = _tokenizer(ckpt)
+    if ckpt.quant is not None:
+        _check_requantize(ckpt, qspec, plan)
+        with _stage(f"reading {ckpt.quant.mode} weights"):
+            model = _build_quantized(ckpt, device, dtype)
     else:
-        from fmstack.checkpoints import load_weights, open_checkpoint
-        from fmstack.checkpoints.named import resolve_model_path
-        from fmstack.tokenizer import load_tokenizer
-
-        path = resolve_model_path(spec)
-        ckpt = open_checkpoint(path)
-        config = ckpt.config
-        # Tokenizer first: its temporaries are freed before the weights are materialized.
-        meta = ckpt.metadata if ckpt.format == "gguf" else None
-        tokenizer = load_tokenizer(ckpt.tokenizer_path, gguf_metadata=meta) if ckpt.tokenizer_path else None
-        if meta:
-            for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
-                del meta[key]
-        saved_quant = ckpt.metadata.get("quantization") if ckpt.format == "fmstack" else None
-        if saved_quant:
-            if plan is not None:
-                raise ParameterError(f"--parallel: {path} is already quantized; load the float checkpoint "
-                                     "with --quantize instead (each rank quantizes its shard)")
-            if qspec is not None:
-                raise ParameterError(f"--quantize {quantize}: {path} is already quantized ({saved_quant['mode']})")
-            with torch.device("meta"):
-                model = Transformer(config).to(dtype)
-            fetch = ckpt.metadata["quant_tensors"]
-            saved = QuantSpec(saved_quant["mode"], saved_quant.get("group_size") or 32)
-            load_quantized(model, saved, lambda name: {k: v.to(device) for k, v in fetch(name).items()})
-            materialize_meta(model, device)
-            model.tie_weights()
-        else:
-            model = plan.build(config, device, dtype) if plan else build_model(config, device, dtype)
+        with _stage("building"):
+            model = plan.build(ckpt.config, device, dtype) if plan else build_model(ckpt.config, device, dtype)
+    with _stage("reading weights" if ckpt.format != "gguf" else "reading and dequantizing weights"):
         load_weights(model, ckpt, plan.slice_for if plan else None)
-        fmt, spec = ckpt.format, str(path)
     if qspec is not None:
-        portable_for = getattr(plan, "portable_for", None)  # tensor parallel: whole-row int8 scales
-        quantize_model(model, qspec, portable_for=portable_for(qspec) if portable_for else None)
+        with _stage(f"quantizing to {qspec.mode}"):
+            quantize_model(model, qspec, portable_for=plan.quantizer(qspec) if plan else None)
     model.eval().requires_grad_(False)
     load_s = time.perf_counter() - t0
-    log.info("loaded %s (%s, %s%s) in %.2fs", spec, fmt, str(dtype).removeprefix("torch."),
-             f", {qspec.mode}" if qspec else "", load_s)
-    return LoadedModel(model, tokenizer, config, spec, fmt, load_s)
+    quant = qspec or ckpt.quant
+    log.info("loaded %s (%s, %s%s) in %.2fs", ckpt.path, ckpt.format, str(dtype).removeprefix("torch."),
+             f", {quant.mode}" if quant else "", load_s)
+    return LoadedModel(model, tokenizer, ckpt.config, str(ckpt.path), ckpt.format, load_s)
+
+
+def _tokenizer(ckpt: Checkpoint):
+    """The checkpoint's tokenizer (None without one); a GGUF's tokenizer arrays are dropped from its
+    metadata once read (tens of MB for large vocabularies)."""
+    if ckpt.tokenizer_path is None:
+        return None
+    meta = ckpt.metadata if ckpt.format == "gguf" else None
+    tokenizer = load_tokenizer(ckpt.tokenizer_path, gguf_metadata=meta)
+    if meta:
+        for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
+            del meta[key]
+    return tokenizer
+
+
+def _check_requantize(ckpt: Checkpoint, qspec: QuantSpec | None, plan: ParallelPlan | None) -> None:
+    if plan is not None:
+        raise ParameterError(f"--parallel: {ckpt.path} is already quantized; load the float checkpoint "
+                             "with --quantize instead (each rank quantizes its shard)")
+    if qspec is not None:
+        raise ParameterError(f"--quantize {qspec.mode}: {ckpt.path} is already quantized ({ckpt.quant.mode})")
+
+
+def _build_quantized(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model with its projections installed from the checkpoint's quantized tensors and its other
+    parameters materialized (uninitialized) for `load_weights`."""
+    model = build_meta(ckpt.config, dtype)
+    fetch = ckpt.quant_tensors
+    load_quantized(model, ckpt.quant, lambda name: {k: v.to(device) for k, v in fetch(name).items()})
+    materialize_meta(model, device)
+    model.tie_weights()
+    return model
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -170,9 +169,3 @@ def param_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-def default_model_path() -> Path:
-    from fmstack.checkpoints.named import DEFAULT_MODEL, resolve_model_path
-
-    return resolve_model_path(DEFAULT_MODEL)

@@ -54,7 +54,7 @@ def hf_and_ours(style: str, seed: int = 0, dtype=torch.float32, **overrides):
     from fmstack.checkpoints.base import Checkpoint, load_weights
     from fmstack.checkpoints.hf import hf_name_to_canonical
     from fmstack.config import from_hf_config
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
 
     torch.manual_seed(seed)
     hf_cfg = hf_llama_config(style, **overrides)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import fmstack
 
 ROOT = Path(fmstack.__file__).parent
@@ -71,7 +69,6 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="loading <-> parallel circle: being removed (models/build.py)")
 def test_import_graph_has_no_cycle():
     cycle = _find_cycle(_graph())
     assert cycle is None, " -> ".join(cycle)

@@ -25,13 +25,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
 from fmstack.errors import CheckpointError
+from fmstack.quant import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,12 @@ TensorStream = Iterator[tuple[str, Tensor]]
 class Checkpoint:
     """An opened checkpoint: its config, where its tokenizer lives, and a tensor stream factory.
 
-    `tensors(names)` streams canonical tensors; with `names` given, a reader may skip the others
-    without reading them (pipeline/tensor parallel ranks load only what they hold).
+    `tensors(names)` streams canonical float tensors; with `names` given, a reader may skip the
+    others without reading them (pipeline/tensor parallel ranks load only what they hold).
+    A quantized checkpoint (fmstack's own) also has `quant`, its scheme, and `quant_tensors(module)`,
+    the portable tensors (`qweight`, `scales`, `zeros`) of one quantized projection.
+    `metadata` is the format's own header as read (GGUF key/values, including the tokenizer arrays;
+    HF config.json; Meta params.json; fmstack config.json), for callers that need a raw field.
     """
 
     path: Path
@@ -51,25 +56,44 @@ class Checkpoint:
     config: ModelConfig
     tensors: Callable[[set[str] | None], TensorStream]
     tokenizer_path: Path | None = None
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    quant: QuantSpec | None = None
+    quant_tensors: Callable[[str], dict[str, Tensor]] | None = None
 
 
-_READERS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], Checkpoint]]] = {}
+@dataclass(frozen=True)
+class Reader:
+    """`detect(path)` says whether `open(path)` reads it. A generated reader (`random:<config>`) also
+    takes the seed of its draw and the device to draw on: `open(path, seed=..., device=...)`."""
+
+    detect: Callable[[Path], bool]
+    open: Callable[..., Checkpoint]
+    generated: bool = False
 
 
-def register_reader(name: str, detect: Callable[[Path], bool], open_fn: Callable[[Path], Checkpoint]) -> None:
-    _READERS[name] = (detect, open_fn)
+_READERS: dict[str, Reader] = {}
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint file or directory with the first reader that recognises it."""
+def register_reader(name: str, detect: Callable[[Path], bool], open_fn: Callable[..., Checkpoint],
+                    generated: bool = False) -> None:
+    _READERS[name] = Reader(detect, open_fn, generated)
+
+
+def is_generated(spec: str | Path) -> bool:
+    """Whether `spec` names a generated checkpoint (`random:<config>`) rather than a file or directory."""
+    return any(r.generated and r.detect(Path(spec)) for r in _READERS.values())
+
+
+def open_checkpoint(path: str | Path, seed: int = 0, device: torch.device | str = "cpu") -> Checkpoint:
+    """Open a checkpoint file or directory (or a generated one: `random:<config>`) with the first
+    reader that recognises it. `seed`, `device`: the draw of generated checkpoints (files ignore them)."""
     path = Path(path).expanduser()
+    for name, reader in _READERS.items():
+        if reader.detect(path):
+            log.debug("opening %s as %s", path, name)
+            return reader.open(path, seed=seed, device=device) if reader.generated else reader.open(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    for name, (detect, open_fn) in _READERS.items():
-        if detect(path):
-            log.debug("opening %s as %s", path, name)
-            return open_fn(path)
     raise CheckpointError(
         f"{path}: not a recognised checkpoint (expected a .gguf file, a HF directory with config.json and "
         "model.safetensors[.index.json], or a Meta directory with params.json and consolidated.*.pth)"

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from fmstack.checkpoints.base import Checkpoint, TensorStream, float_targets
 from fmstack.config import ModelConfig
-from fmstack.errors import CheckpointError, ConfigError
+from fmstack.errors import CheckpointError, ConfigError, ParameterError
+from fmstack.quant import QuantSpec, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,17 @@ def canonical_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer=None,
-                    quantized: dict[str, Tensor] | None = None, source: str | None = None) -> Path:
-    """Write `model` (float parts) + `quantized` portable tensors + tokenizer to `directory`."""
+                    quantized: dict[str, Tensor] | None = None, source: str | None = None,
+                    spec: QuantSpec | None = None) -> Path:
+    """Write `model` (float parts) + `quantized` portable tensors + tokenizer to `directory`.
+    `spec`: how a quantized model was quantized (e.g. gptq); default: what its modules hold."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    spec = getattr(model, "quant_spec", None)
+    held = spec_of(model)
+    spec = spec or held
+    if spec is not None and (held is None or held.layout != spec.layout):
+        raise CheckpointError(f"save_checkpoint: spec {spec.mode} does not match the model's projections "
+                              f"({held.mode if held else 'float'})")
     if spec is not None and not quantized:
         raise CheckpointError("a quantized model can only be saved with its portable tensors (quantized=...)")
     tensors = {k: v.detach().to("cpu").clone() for k, v in canonical_state(model).items()}  # views share storage
@@ -65,12 +72,25 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer=None,
     return d
 
 
+def _quant_spec(raw: dict[str, Any], path: Path) -> QuantSpec | None:
+    """The `quantization` entry of config.json as a QuantSpec (None: a float checkpoint)."""
+    q = raw.get("quantization")
+    if q is None:
+        return None
+    try:
+        return QuantSpec(q["mode"], q.get("group_size") or 32)
+    except (KeyError, TypeError, AttributeError, ParameterError) as e:
+        raise CheckpointError(f"{path}/config.json: quantization {q!r} is not valid ({e}); expected "
+                              '{"mode": "int8" | "int4" | "gptq", "group_size": 32 | 64 | 128 | 256 | null}') from None
+
+
 def open_native(path: Path) -> Checkpoint:
     try:
         raw: dict[str, Any] = json.loads((path / "config.json").read_text())
         config = ModelConfig.from_dict(raw["model"])
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}/config.json: not a valid fmstack config ({e})") from None
+    quant = _quant_spec(raw, path)
     if raw.get("format_version") != VERSION:
         raise CheckpointError(f"{path}: fmstack format version {raw.get('format_version')} is not supported "
                               f"(this fmstack reads version {VERSION})")
@@ -98,6 +118,5 @@ def open_native(path: Path) -> Checkpoint:
 
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return Checkpoint(path=path, format=FORMAT, config=config, tensors=tensors,
-                      tokenizer_path=path if has_tok else None,
-                      metadata={"quantization": raw.get("quantization"), "quant_tensors": quant_tensors,
-                                "source": raw.get("source")})
+                      tokenizer_path=path if has_tok else None, metadata=raw, quant=quant,
+                      quant_tensors=quant_tensors if quant is not None else None)

@@ -42,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         gptq_quantize(loaded.model, ids, spec, act_order=args.act_order, keep=keep, head="gptq")
     else:
         quantize_model(loaded.model, spec, keep=keep)
-    out = save_checkpoint(args.out, loaded.model, loaded.tokenizer, quantized=keep, source=loaded.source)
+    out = save_checkpoint(args.out, loaded.model, loaded.tokenizer, quantized=keep, source=loaded.source, spec=spec)
     log.info("wrote %s (%s)", out, spec.mode)
     return 0

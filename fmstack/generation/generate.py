@@ -128,8 +128,8 @@ class Generator:
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
         self.sdpa_backends = sdpa_backends(sdpa_backend, self.device)
-        if compile and hasattr(model, "compile_stage"):  # pipeline stage: send/recv cannot be traced,
-            model.compile_stage()  # so it compiles its own layers instead
+        if compile and not model.compiles_whole:  # a StagedCausalLM: its communication cannot be
+            model.compile_stage()  # traced, so it compiles its own layers instead
             compile = False
         self.compiled = compile
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
@@ -192,9 +192,7 @@ class Generator:
         c = self.cache
         if c is None or c.batch_size != batch_size or c.max_seq_len < length:
             self.cache = None  # free the old one first
-            kw = dict(dtype=self.dtype, device=self.device, n_kv_heads=self.model.layers[0].attn.n_kv_heads)
-            make = getattr(self.model, "make_cache", None)  # a pipeline stage caches only its own layers
-            self.cache = make(batch_size, length, **kw) if make else StaticKVCache(cfg, batch_size, length, **kw)
+            self.cache = self.model.make_cache(batch_size, length, StaticKVCache, dtype=self.dtype, device=self.device)
         return self.cache
 
     # -- generation --------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The single-device model; a `fmstack.models.protocol.CausalLM` (tensor parallel swaps its modules)."""
+
+    compiles_whole = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -141,6 +145,10 @@ class Transformer(nn.Module):
         """Share the output projection with the embedding when the config says so (call after to_empty)."""
         if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.embed.weight
+
+    def make_cache(self, batch_size: int, max_seq_len: int, static, **kw) -> AttentionCache:
+        """`static(config, ...)` (the generation cache class) for every layer, with this model's kv heads."""
+        return static(self.config, batch_size, max_seq_len, n_kv_heads=self.layers[0].attn.n_kv_heads, **kw)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

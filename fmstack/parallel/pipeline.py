@@ -24,18 +24,17 @@ from torch import Tensor, nn
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import StaticKVCache
+from fmstack.models.build import build_meta, materialize_meta
 from fmstack.models.llama import Transformer, rope_cos_sin, rope_inv_freq
 from fmstack.parallel.dist import DistInfo, fault_point
-from fmstack.parallel.tensor import chunk
+from fmstack.parallel.plan import Quantizer, chunk
 
 log = logging.getLogger(__name__)
 
 
 class PipelineParallel:
-    """Plan for one rank: `build` its stage (layers on the meta device except its own), `finish`
-    it into a `PipelineModel` after loading (and quantizing)."""
-
-    slice_for = None  # stages keep whole tensors
+    """`ParallelPlan` for one rank: `build` its stage (layers on the meta device except its own),
+    `finish` it into a `PipelineModel` after loading (and quantizing)."""
 
     def __init__(self, info: DistInfo):
         self.info = info
@@ -43,14 +42,11 @@ class PipelineParallel:
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
 
     def build(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-        from fmstack.loading import materialize_meta
-
         if config.n_layers < self.world:
             raise ParameterError(f"--parallel pp: {self.world} stages need at least as many layers "
                                  f"(the model has {config.n_layers})")
         self.layers = chunk(config.n_layers, self.world, self.rank)
-        with torch.device("meta"):
-            model = Transformer(config).to(dtype)
+        model = build_meta(config, dtype)
         model.layers = nn.ModuleList(model.layers[i] for i in self.layers)  # blocks keep global indices
         held: list[nn.Module] = [model.layers]
         if self.first or (self.last and config.tie_embeddings):
@@ -63,6 +59,14 @@ class PipelineParallel:
             model.tie_weights()
         log.info("pp stage %d/%d: layers %d..%d", self.rank, self.world, self.layers.start, self.layers.stop - 1)
         return model
+
+    def slice_for(self, name: str, tensor: Tensor) -> Tensor:
+        """A stage keeps whole tensors (the layers it does not hold are never read)."""
+        return tensor
+
+    def quantizer(self, spec) -> Quantizer | None:
+        """Whole tensors: the default quantizer."""
+        return None
 
     def finish(self, model: Transformer) -> "PipelineModel":
         return PipelineModel(model, self)
@@ -110,8 +114,10 @@ class LastStageHead(nn.Module):
 
 
 class PipelineModel(nn.Module):
-    """One pipeline stage behind the `Transformer` interface (`forward`, `hidden_states`, `output`,
-    `config`, `layers`), plus `make_cache` for a stage-local KV cache."""
+    """One pipeline stage as a `StagedCausalLM` (`forward`, `hidden_states`, `output`, `config`,
+    `make_cache` for a stage-local KV cache, `compile_stage`), plus `layers` (this stage's)."""
+
+    compiles_whole = False  # send/recv/broadcast between stages cannot be traced
 
     def __init__(self, stage: Transformer, plan: PipelineParallel, micro_batches: int | None = None):
         super().__init__()
@@ -127,7 +133,8 @@ class PipelineModel(nn.Module):
         self.micro_batches = micro_batches or 2 * plan.world
         self._run_layers, self._compiled = self._layers, False
 
-    def make_cache(self, batch_size: int, max_seq_len: int, **kw) -> StageKVCache:
+    def make_cache(self, batch_size: int, max_seq_len: int, static=None, **kw) -> StageKVCache:
+        """A static cache for this stage's layers only (`static` is not needed: always a StageKVCache)."""
         return StageKVCache(self.config, batch_size, max_seq_len, self.plan.layers, **kw)
 
     def compile_stage(self) -> None:

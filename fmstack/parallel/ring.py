@@ -36,9 +36,10 @@ from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.models.build import build_model
 from fmstack.models.llama import Transformer
 from fmstack.parallel.dist import DistInfo, fault_point
-from fmstack.parallel.tensor import chunk
+from fmstack.parallel.plan import Quantizer, chunk
 
 log = logging.getLogger(__name__)
 
@@ -316,27 +317,34 @@ class _ShardedAttention:
 
 # -- the plan and the model wrapper ----------------------------------------------------------------
 class ContextParallel:
-    """Plan for one rank: the whole model on every rank (`slice_for` None), wrapped by `finish`."""
-
-    slice_for = None
+    """`ParallelPlan` for one rank: the whole model on every rank, wrapped by `finish`."""
 
     def __init__(self, info: DistInfo, group=None):
         self.info = info
         self.group = group if group is not None else dist.group.WORLD
 
     def build(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-        from fmstack.loading import build_model
-
         log.info("cp rank %d/%d: whole model, 1/%d of each sequence", self.info.rank, self.info.world_size,
                  self.info.world_size)
         return build_model(config, device, dtype)
+
+    def slice_for(self, name: str, tensor: Tensor) -> Tensor:
+        """Every rank keeps whole tensors."""
+        return tensor
+
+    def quantizer(self, spec) -> Quantizer | None:
+        """Whole tensors: the default quantizer."""
+        return None
 
     def finish(self, model: Transformer) -> "ContextParallelModel":
         return ContextParallelModel(model, self)
 
 
 class ContextParallelModel(nn.Module):
-    """A `Transformer` run with its sequence split across the ranks; same interface and results."""
+    """A `Transformer` run with its sequence split across the ranks; same results, and a
+    `StagedCausalLM` (its ring send/recv per layer cannot be traced: it runs eager)."""
+
+    compiles_whole = False
 
     def __init__(self, model: Transformer, plan: ContextParallel):
         super().__init__()
@@ -351,7 +359,8 @@ class ContextParallelModel(nn.Module):
     def output(self) -> nn.Module:
         return self.inner.output
 
-    def make_cache(self, batch_size: int, max_seq_len: int, **kw) -> RingKVCache:
+    def make_cache(self, batch_size: int, max_seq_len: int, static=None, **kw) -> RingKVCache:
+        """A cache sharded by column across the ranks (`static` is not needed: always a RingKVCache)."""
         return RingKVCache(self.config, batch_size, max_seq_len, self.world, self.rank, **kw)
 
     def compile_stage(self) -> None:

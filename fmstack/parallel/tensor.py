@@ -28,17 +28,13 @@ from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
+from fmstack.models.build import materialize_meta
 from fmstack.models.llama import Attention, FeedForward, Transformer
 from fmstack.parallel.dist import DistInfo, fault_point
+from fmstack.parallel.plan import Quantizer, chunk
+from fmstack.quant import QuantSpec, rtn_portable
 
 log = logging.getLogger(__name__)
-
-
-def chunk(n: int, parts: int, i: int) -> range:
-    """Part `i` of `range(n)` cut into `parts` contiguous pieces whose sizes differ by at most one."""
-    size, extra = divmod(n, parts)
-    start = i * size + min(i, extra)
-    return range(start, start + size + (i < extra))
 
 
 @dataclass(frozen=True)
@@ -130,16 +126,14 @@ class VocabParallelHead(nn.Module):
 
 
 class TensorParallel:
-    """Plan for one rank: `build` the sharded model, `slice_for` its part of each checkpoint tensor,
-    `finish` it after loading (and quantizing)."""
+    """`ParallelPlan` for one rank: `build` the sharded model, `slice_for` its part of each checkpoint
+    tensor, `quantizer` with whole-row int8 scales, `finish` it after loading (and quantizing)."""
 
     def __init__(self, info: DistInfo, group=None):
         self.info = info
         self.group = group if group is not None else dist.group.WORLD
 
     def build(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-        from fmstack.loading import materialize_meta
-
         world, rank = self.info.world_size, self.info.rank
         self.heads = head_shard(config.n_heads, config.n_kv_heads, world, rank)
         if config.ffn_dim < world:
@@ -187,7 +181,7 @@ class TensorParallel:
             part = F.pad(part, (0, 0, 0, self.vocab_rows - len(r)))
         return part
 
-    def portable_for(self, spec):
+    def quantizer(self, spec: QuantSpec) -> Quantizer | None:
         """Quantizer for `quantize_model`: int8 scales of the row-parallel projections (wo, w_down)
         use the absmax of the whole row (all-reduced), so every rank's int8 values are exactly the
         single-process ones. Other projections hold whole rows already. int4 groups are cut within a
@@ -195,8 +189,6 @@ class TensorParallel:
         size, as with head_dim 64 and groups up to 64). None: the default quantizer."""
         if spec.bits != 8:
             return None
-        from fmstack.quant import rtn_portable
-
         def portable(name: str, w: Tensor) -> dict[str, Tensor]:
             if not name.endswith((".attn.wo", ".mlp.w_down")):
                 return rtn_portable(w, spec)

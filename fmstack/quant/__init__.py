@@ -39,8 +39,25 @@ class QuantSpec:
     def bits(self) -> int:
         return 8 if self.mode == "int8" else 4
 
+    @property
+    def layout(self) -> tuple[int, int | None]:
+        """(bits, group size or None): what the quantized modules hold (int4 and gptq share it)."""
+        return self.bits, self.group_size if self.bits == 4 else None
+
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "bits": self.bits, "group_size": self.group_size if self.bits == 4 else None}
+        bits, group_size = self.layout
+        return {"mode": self.mode, "bits": bits, "group_size": group_size}
+
+
+def spec_of(model: nn.Module) -> QuantSpec | None:
+    """The quantization the model's projections hold: None for a float model, else int8 or
+    int4/group size (how int4 values were chosen, round to nearest or GPTQ, is not visible in the
+    modules: a checkpoint records it). Raises ParameterError for a mix of schemes."""
+    found = {QuantSpec("int8") if isinstance(m, Int8Linear) else QuantSpec("int4", m.group_size)
+             for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    if len(found) > 1:
+        raise ParameterError(f"the model mixes quantization schemes: {sorted(s.mode for s in found)}")
+    return found.pop() if found else None
 
 
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -86,28 +103,33 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _install(model: nn.Module, spec: QuantSpec, portable_for: Callable[[str, Tensor], dict[str, Tensor]],
+             keep: dict[str, Tensor] | None = None) -> nn.Module:
+    """Replace each projection by the quantized module built from `portable_for(name, weight)`."""
+    check_shapes(model, spec)
+    dtype = model.embed.weight.dtype
+    for name, lin in quantizable_linears(model):
+        t = portable_for(name, lin.weight)
+        if keep is not None:
+            keep.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
+        _set_module(model, name, module_from_portable(t, spec, dtype))
+    return model
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec,
                    portable_for: Callable[[str, Tensor], dict[str, Tensor]] | None = None,
                    keep: dict[str, Tensor] | None = None) -> nn.Module:
     """Replace the projections with quantized modules, one at a time (float weight freed as we go).
 
     `portable_for(name, weight)` computes a projection's portable tensors (default: round to nearest;
-    GPTQ passes its own). With `keep`, the portable tensors are also stored there as `{name}.{key}`
-    for saving."""
-    check_shapes(model, spec)
-    dtype = model.embed.weight.dtype
-    portable_for = portable_for or (lambda _name, w: rtn_portable(w, spec))
-    for name, lin in quantizable_linears(model):
-        t = portable_for(name, lin.weight)
-        if keep is not None:
-            keep.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
-        _set_module(model, name, module_from_portable(t, spec, dtype))
-    model.quant_spec = spec
+    tensor parallel passes its own). With `keep`, the portable tensors are also stored there as
+    `{name}.{key}` for saving."""
+    _install(model, spec, portable_for or (lambda _name, w: rtn_portable(w, spec)), keep)
     log.info("quantized %d projections to %s", len(quantizable_linears(model)), spec.mode)
     return model
 
 
-@torch.no_grad()
 def load_quantized(model: nn.Module, spec: QuantSpec, tensors: Callable[[str], dict[str, Tensor]]) -> nn.Module:
-    """Install projections from saved portable tensors: `tensors(name)` -> that projection's dict."""
-    return quantize_model(model, spec, portable_for=lambda name, _w: tensors(name))
+    """Install projections from saved portable tensors: `tensors(name)` -> that projection's dict
+    (nothing is quantized here, so nothing is logged as quantizing)."""
+    return _install(model, spec, lambda name, _w: tensors(name))

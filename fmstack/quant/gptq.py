@@ -276,7 +276,6 @@ def gptq_quantize(model: nn.Module, calib_ids: Tensor | Sequence[Sequence[int]],
     if keep is not None:
         keep.update({f"output.{k}": v.cpu() for k, v in t.items()})
     _set_module(model, "output", module_from_portable(t, spec, dtype))
-    model.quant_spec = spec
     log.info("gptq: quantized %d projections in %.1fs", 4 * len(model.layers) + 1, time.perf_counter() - t0)
     return model
 

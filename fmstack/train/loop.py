@@ -1,6 +1,6 @@
 """The training loop: next-token loss, AdamW, warmup + cosine schedule, gradient clipping,
 activation checkpointing, a compiled forward+backward, resumable checkpoints, and data parallel
-(FSDP2 `fully_shard`) under torchrun.
+(FSDP2, applied by `fmstack.parallel.fsdp`) under torchrun.
 
 Loss normalisation: every step's loss is the sum of token losses over the whole global batch
 (all micro-batches, all ranks) divided by its number of trained tokens, so 1 rank with batch 2B
@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.models.build import build_model
+from fmstack.parallel.fsdp import apply_fsdp
+from fmstack.quant import spec_of
 from fmstack.train.data import IGNORE, BatchSchedule, TokenDataset
 from fmstack.train.lora import apply_lora, has_lora, merge_lora
 
@@ -123,12 +126,6 @@ def make_loss_fn(model: nn.Module):
     return loss
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
-    """Compile each block's forward (fullgraph) in place: the FSDP2 path."""
-    for block in model.layers:
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, backend=backend)
-
-
 @dataclass
 class StepLog:
     step: int
@@ -166,7 +163,7 @@ class Trainer:
     def __init__(self, model: nn.Module, data: TokenDataset, cfg: TrainConfig, device: torch.device | str = "cpu",
                  parallel: str | None = None):
         cfg.check()
-        if getattr(model, "quant_spec", None) is not None:
+        if spec_of(model) is not None:
             raise ParameterError("fine-tuning needs float weights: load the model without --quantize")
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
         self.config = model.config
@@ -187,13 +184,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            if cfg.compile:
-                compile_blocks(model, cfg.compile_backend)
-            for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
+            apply_fsdp(model, cfg.compile_backend if cfg.compile else None)
             self.loss_fn = make_loss_fn(model)
         else:
             fn = make_loss_fn(model)
@@ -362,8 +353,6 @@ class Trainer:
     def export_model(self) -> nn.Module | None:
         """A plain, merged (LoRA folded in), eval-mode copy of the trained model on CPU: on rank 0; None
         on the other ranks (which still take part in the gather)."""
-        from fmstack.loading import build_model
-
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -11,7 +11,8 @@ from fmstack.errors import ParameterError
 from fmstack.generation.generate import Generator
 from fmstack.generation.sampling import SamplingParams, filtered_probs
 from fmstack.generation.speculative import SpeculativeGenerator
-from fmstack.loading import build_model, load_model
+from fmstack.loading import load_model
+from fmstack.models.build import build_model
 from fmstack.quant import QuantSpec, quantize_model
 
 

@@ -26,7 +26,8 @@ from fmstack.config import ModelConfig
 from fmstack.generation.generate import Generator, sdpa_backends
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sampling_tensors
-from fmstack.loading import DTYPES, build_model, load_model
+from fmstack.loading import DTYPES, load_model
+from fmstack.models.build import build_model
 from fmstack.quant import QuantSpec, rtn_portable
 from fmstack.quant import ops
 from fmstack.quant.linear import Int4Linear, Int8Linear, dequantize_int4, quantize_int8

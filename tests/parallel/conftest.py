@@ -40,7 +40,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """fmstack-format checkpoints of CONFIGS with random weights (std 0.1, so logits are O(1)) and
     random norms (a wrongly sharded or replicated norm shows)."""
     from fmstack.checkpoints.native import save_checkpoint
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
 
     root = tmp_path_factory.mktemp("parallel-ckpts")
     out = {}
@@ -91,7 +91,7 @@ def tiny_tok_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
     the `fmstack generate` CLI path runs in seconds."""
     from fmstack.checkpoints import open_checkpoint
     from fmstack.checkpoints.native import save_checkpoint
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
     from fmstack.tokenizer import load_tokenizer
 
     ckpt = open_checkpoint(smollm2_gguf)

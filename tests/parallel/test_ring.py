@@ -113,7 +113,7 @@ def test_bad_inputs_are_clear_errors():
     from fmstack.config import named_config
     from fmstack.errors import FmstackError, ParameterError
     from fmstack.generation.kv_cache import StaticKVCache
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
     from fmstack.parallel.dist import DistInfo
     from fmstack.parallel.ring import ContextParallel, RingKVCache
 

@@ -11,7 +11,7 @@ import torch
 
 from fmstack.errors import ParameterError
 from fmstack.loading import load_model
-from fmstack.quant import QuantSpec, quantizable_linears, quantize_model
+from fmstack.quant import QuantSpec, quantizable_linears, quantize_model, spec_of
 from fmstack.quant.gptq import calibration_ids, gptq_quantize, gptq_weight
 from fmstack.quant.linear import Int4Linear, dequantize_int4, int4_params, quantize_int4_with
 from fmstack.quant.ops import unpack_uint4
@@ -119,7 +119,7 @@ def test_model_logits_closer_than_rtn(tiny):
 @torch.no_grad()
 def test_portable_tensors(tiny):
     model, gptq, keep = tiny
-    assert gptq.quant_spec == QuantSpec("gptq", G)
+    assert spec_of(gptq) == QuantSpec("int4", G)  # gptq values in the int4 layout
     names = [n for n, _ in quantizable_linears(model)]
     assert sorted(keep) == sorted(f"{n}.{k}" for n in names for k in ("qweight", "scales", "zeros"))
     x = torch.randn(5, 192, generator=torch.Generator().manual_seed(4))

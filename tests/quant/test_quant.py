@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fmstack.errors import ParameterError
 from fmstack.loading import load_model
-from fmstack.quant import QuantSpec, quantize_model, rtn_portable
+from fmstack.quant import QuantSpec, quantize_model, rtn_portable, spec_of
 from fmstack.quant import ops
 from fmstack.quant.linear import Int4Linear, Int8Linear, dequantize_int4, int4_params, quantize_int4_with, quantize_int8
 
@@ -108,11 +108,35 @@ def test_save_and_load_quantized_checkpoint(tiny, tmp_path, mode):
     q = quantize_model(copy.deepcopy(tiny), spec, keep=keep)
     save_checkpoint(tmp_path, q, quantized=keep, source="random:tiny-gqa")
     loaded = load_model(str(tmp_path))
-    assert loaded.format == "fmstack" and loaded.model.quant_spec == spec
+    assert loaded.format == "fmstack" and spec_of(loaded.model) == spec
     assert not any(p.is_meta for p in loaded.model.parameters())
     tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(tokens), q(tokens))
+
+
+def test_saved_scheme_is_the_given_one_and_loading_does_not_quantize(tiny, tmp_path, caplog):
+    import json
+    import logging
+
+    from fmstack.checkpoints import open_checkpoint
+    from fmstack.checkpoints.native import save_checkpoint
+    from fmstack.errors import CheckpointError
+
+    keep = {}
+    q = quantize_model(copy.deepcopy(tiny), QuantSpec("int4", 32), keep=keep)
+    assert spec_of(q) == QuantSpec("int4", 32) and spec_of(tiny) is None
+    with pytest.raises(CheckpointError, match="spec int8 does not match the model's projections"):
+        save_checkpoint(tmp_path / "bad", q, quantized=keep, spec=QuantSpec("int8"))
+    save_checkpoint(tmp_path, q, quantized=keep, spec=QuantSpec("gptq", 32))  # as `fmstack quantize --mode gptq`
+    assert json.loads((tmp_path / "config.json").read_text())["quantization"]["mode"] == "gptq"
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.quant == QuantSpec("gptq", 32) and set(ckpt.quant_tensors("output")) == {"qweight", "scales", "zeros"}
+    with caplog.at_level(logging.DEBUG, logger="fmstack"):
+        loaded = load_model(str(tmp_path))
+    assert spec_of(loaded.model) == QuantSpec("int4", 32)
+    assert not any("quantiz" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any("reading gptq weights" in r.getMessage() for r in caplog.records)
 
 
 def test_float_fmstack_checkpoint_roundtrip(tiny, tmp_path):
@@ -147,7 +171,7 @@ def test_cli_quantize_then_load(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    assert load_model(str(out)).model.quant_spec == QuantSpec("int8")
+    assert spec_of(load_model(str(out)).model) == QuantSpec("int8")
     proc = subprocess.run([sys.executable, "-m", "fmstack", "quantize", "--model", "random:tiny-mha", "--mode", "int4",
                            "--group-size", "128", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
                           timeout=120)

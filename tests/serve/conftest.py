@@ -87,7 +87,7 @@ def tiny_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
     """Random 2-layer model with SmolLM2's vocabulary and tokenizer, as an fmstack checkpoint."""
     from fmstack.checkpoints.native import save_checkpoint
     from fmstack.config import ModelConfig
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
     from fmstack.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf)

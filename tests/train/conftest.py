@@ -27,7 +27,7 @@ def tokenizer(smollm2_gguf):
 def tiny_tok_dir(tokenizer, tmp_path_factory) -> Path:
     """A tiny random model (2 layers, dim 64, GQA 4/2, tied, context 128) with SmolLM2's tokenizer."""
     from fmstack.checkpoints.native import save_checkpoint
-    from fmstack.loading import build_model
+    from fmstack.models.build import build_model
 
     cfg = ModelConfig(name="tiny-tok", vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
                       n_kv_heads=2, ffn_dim=128, max_seq_len=128, tie_embeddings=True)
