@@ -47,8 +47,8 @@ class Checkpoint:
     others without reading them (pipeline/tensor parallel ranks load only what they hold).
     A quantized checkpoint (fmstack's own) also has `quant`, its scheme, and `quant_tensors(module)`,
     the portable tensors (`qweight`, `scales`, `zeros`) of one quantized projection.
-    `metadata` is the format's own header as read (GGUF key/values, including the tokenizer arrays;
-    HF config.json; Meta params.json; fmstack config.json), for callers that need a raw field.
+    `metadata` is the format's own header as read, for callers that need a raw field: GGUF key/values
+    (the tokenizer arrays included), `{"config": config.json}` (HF, fmstack), `{"params": params.json}` (Meta).
     """
 
     path: Path

@@ -118,5 +118,5 @@ def open_native(path: Path) -> Checkpoint:
 
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return Checkpoint(path=path, format=FORMAT, config=config, tensors=tensors,
-                      tokenizer_path=path if has_tok else None, metadata=raw, quant=quant,
+                      tokenizer_path=path if has_tok else None, metadata={"config": raw}, quant=quant,
                       quant_tensors=quant_tensors if quant is not None else None)
