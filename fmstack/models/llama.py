@@ -13,7 +13,7 @@ Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per l
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,8 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.embed.weight
 
-    def make_cache(self, batch_size: int, max_seq_len: int, static, **kw) -> AttentionCache:
+    def make_cache(self, batch_size: int, max_seq_len: int, static: Callable[..., AttentionCache],
+                   **kw) -> AttentionCache:
         """`static(config, ...)` (the generation cache class) for every layer, with this model's kv heads."""
         return static(self.config, batch_size, max_seq_len, n_kv_heads=self.layers[0].attn.n_kv_heads, **kw)
 

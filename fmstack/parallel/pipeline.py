@@ -27,14 +27,14 @@ from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.models.build import build_meta, materialize_meta
 from fmstack.models.llama import Transformer, rope_cos_sin, rope_inv_freq
 from fmstack.parallel.dist import DistInfo, fault_point
-from fmstack.parallel.plan import Quantizer, chunk
+from fmstack.parallel.plan import WholeTensors, chunk
 
 log = logging.getLogger(__name__)
 
 
-class PipelineParallel:
-    """`ParallelPlan` for one rank: `build` its stage (layers on the meta device except its own),
-    `finish` it into a `PipelineModel` after loading (and quantizing)."""
+class PipelineParallel(WholeTensors):
+    """`ParallelPlan` for one rank: `build` its stage (layers on the meta device except its own; the
+    tensors it holds are whole), `finish` it into a `PipelineModel` after loading (and quantizing)."""
 
     def __init__(self, info: DistInfo):
         self.info = info
@@ -59,14 +59,6 @@ class PipelineParallel:
             model.tie_weights()
         log.info("pp stage %d/%d: layers %d..%d", self.rank, self.world, self.layers.start, self.layers.stop - 1)
         return model
-
-    def slice_for(self, name: str, tensor: Tensor) -> Tensor:
-        """A stage keeps whole tensors (the layers it does not hold are never read)."""
-        return tensor
-
-    def quantizer(self, spec) -> Quantizer | None:
-        """Whole tensors: the default quantizer."""
-        return None
 
     def finish(self, model: Transformer) -> "PipelineModel":
         return PipelineModel(model, self)

@@ -50,3 +50,14 @@ class ParallelPlan(Protocol):
     def finish(self, model: nn.Module) -> CausalLM:
         """The loaded (and quantized) part, ready to be called like the single-device model."""
         ...
+
+
+class WholeTensors:
+    """For plans whose ranks keep every tensor they hold whole (pipeline stages, context parallel)."""
+
+    def slice_for(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def quantizer(self, spec) -> Quantizer | None:
+        """Whole rows: the default quantizer gives the single-process values."""
+        return None

@@ -39,7 +39,7 @@ from fmstack.errors import FmstackError, ParameterError
 from fmstack.models.build import build_model
 from fmstack.models.llama import Transformer
 from fmstack.parallel.dist import DistInfo, fault_point
-from fmstack.parallel.plan import Quantizer, chunk
+from fmstack.parallel.plan import WholeTensors, chunk
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class _ShardedAttention:
 
 
 # -- the plan and the model wrapper ----------------------------------------------------------------
-class ContextParallel:
+class ContextParallel(WholeTensors):
     """`ParallelPlan` for one rank: the whole model on every rank, wrapped by `finish`."""
 
     def __init__(self, info: DistInfo, group=None):
@@ -327,14 +327,6 @@ class ContextParallel:
         log.info("cp rank %d/%d: whole model, 1/%d of each sequence", self.info.rank, self.info.world_size,
                  self.info.world_size)
         return build_model(config, device, dtype)
-
-    def slice_for(self, name: str, tensor: Tensor) -> Tensor:
-        """Every rank keeps whole tensors."""
-        return tensor
-
-    def quantizer(self, spec) -> Quantizer | None:
-        """Whole tensors: the default quantizer."""
-        return None
 
     def finish(self, model: Transformer) -> "ContextParallelModel":
         return ContextParallelModel(model, self)
