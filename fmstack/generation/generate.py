@@ -181,7 +181,7 @@ class Generator:
         if self.compiled:  # one graph for every prompt length: the sequence dim is symbolic
             mark_dynamic(tokens, 1)
             mark_dynamic(positions, 1)
-        return self._prefill_step(tokens, positions, cache, *sampling)
+        return self._prefill_step(tokens, positions, cache, *sampling).clone()  # fed to decode: see _decode
 
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
         """One decode step -> next ids `[B]`, cloned: the loop feeds them into the next step, and under
