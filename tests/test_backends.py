@@ -122,6 +122,7 @@ def test_cuda_decode_kwargs():
     names = ["L['self'].model.layers[0].weight", "L['tokens']", "L['self'].cache", "self.model"]
     assert opts["guard_filter_fn"]([Entry(n) for n in names]) == [False, True, True, False]
     assert "guard_filter_fn" not in decode_compile_kwargs("cuda")["options"]
+    torch.compile(lambda v: v, **kw)  # accepted (mode with options raises here, before any compile)
 
 
 def test_recompile_limit_scope_nests_and_restores():
