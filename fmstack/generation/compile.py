@@ -1,166 +1,54 @@
-"""torch.compile settings for the generation model calls (decode, prefill).
+"""How the generation model calls are compiled (the policy; the private-torch settings behind it are
+in `fmstack.backends`).
 
-On CPU, batch-1 decode is a chain of matrix-vector products and is bound by reading the weights
-once per token. `torch.compile` by default sends every `x @ W.T` to the BLAS library (MKL's sgemv),
-which on the AMD EPYC machines we measured streams weights at roughly a third of the memory
-bandwidth (see `benchmarks/cpu_gemv_study.py`). `compile_decode` instead has Inductor lower
-every matmul with at most `gemv_max_rows` rows to one `(x[i, :, None] * W.T).sum(0)` per row `i`,
-which it emits as one vectorized streaming pass over the weight rows with an accumulator per input
-row, and runs the graph's wrapper in C++ (`cpp_wrapper`, no Python between the ~250 kernels of a
-step). Results equal the BLAS ones up to float summation order.
+  decode-like steps (a few tokens per row: decode, a one-token prefill, speculative draft and
+  verification up to GEMV_MAX_ROWS tokens): static shapes, one graph per batch size and token count,
+  no guards on the model (`frozen_attribute`); on CPU matmuls of <= GEMV_MAX_ROWS rows stream the
+  weights as Inductor reductions (SmolLM2-135M's 30 layers at batch 1: 20 vs 40 ms per pass,
+  `benchmarks/quant_kernels.py`), on CUDA the step is one CUDA graph.
+  prefill-like steps (longer prompts): one graph for every length (the caller marks the sequence
+  dimension dynamic).
 
-CUDA keeps the stock Inductor lowering (`mode="reduce-overhead"`: CUDA graphs).
+Every compile logs what it compiles and how long it took (`fmstack.backends.LoggedCompile`).
 
-    step = compile_decode(decode_fn, device)        # what Generator uses for the decode step
-    torch.compile(fn, **compile_kwargs(device))     # the same, spelled out
+    step = compile_decode(decode_fn, device, what="decode step")    # what Generator uses
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import torch
-from torch import Tensor
 
-log = logging.getLogger(__name__)
+from fmstack.backends import GEMV_MAX_ROWS, LoggedCompile, decode_compile_kwargs, recompile_limit
 
-# Matmuls with up to this many rows become reductions: batch <= 8 decode, speculative verification.
-# Measured on SmolLM2's projections (benchmarks/quant_kernels.py "fp32 reduction" vs "fp32 BLAS", ms
-# per pass over 30 layers, 2 threads): 20 vs 40 for 1 row, 20 vs 69 for 2, 27 vs 54 for 4, 40 vs 61
-# for 8, 64 vs 55 for 16.
-GEMV_MAX_ROWS = 8
-
-
-def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`fn(x)` for a reduction `fn` over the rows of x `[M, K]` against one weight, for Inductor (call it
-    only while compiling). x is stored first: otherwise Inductor inlines x's producer (SwiGLU's silu,
-    RMSNorm) into the reduction and recomputes it once per output column. A static M > 1 becomes one
-    `fn` per row, concatenated: Inductor fuses those reductions into one pass over the weight with an
-    accumulator per row, so the weight is read once for all rows (one `[M, N, K]` reduction reads it
-    once per row)."""
-    x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
-    rows = x.shape[0]
-    if isinstance(rows, int) and rows > 1:
-        return torch.cat([fn(x[i:i + 1]) for i in range(rows)])
-    return fn(x)
-
-
-def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Tensor:
-    """`a @ b` for `a [M, K]`, `b [K, N]` (typically `W.T`, a view of `W [N, K]`), written as a
-    product and a sum over K, which Inductor lowers to a vectorized reduction (NotImplemented for
-    M > max_rows, dtypes other than the float ones, or non-CPU tensors: the default lowering then
-    applies). A bf16/fp16 `b` with an fp32 `a` is upconverted inside the reduction."""
-    if (a.device.type != "cpu" or a.dim() != 2 or b.dim() != 2 or not a.dtype.is_floating_point
-            or not b.dtype.is_floating_point):
-        return NotImplemented
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    if not statically_known_true(a.shape[0] <= max_rows):
-        return NotImplemented
-    acc = torch.promote_types(a.dtype, torch.float32)
-    out = rowwise(lambda rows: (rows.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1), a)
-    return out.to(torch.promote_types(a.dtype, b.dtype))
-
-
-def _has_collectives(gm: torch.fx.GraphModule) -> bool:
-    """Whether the graph calls torch.distributed's functional collectives (`_c10d_functional`)."""
-    names = ("c10d_functional", "_functional_collectives")
-    return any(node.op == "call_function" and any(n in str(node.target) for n in names)
-               for node in gm.graph.nodes)
-
-
-def _cpu_backend(max_rows: int, options: dict[str, Any]) -> Callable:
-    """Inductor with `gemv_as_reduction` as the mm decomposition and `options` as config patches."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    aten = torch.ops.aten
-    default_mm = select_decomp_table().get(aten.mm.default)
-
-    def mm(a: Tensor, b: Tensor, *args: Any, **kwargs: Any):
-        out = gemv_as_reduction(a, b, max_rows) if not args and not kwargs else NotImplemented
-        if out is NotImplemented and default_mm is not None:
-            return default_mm(a, b, *args, **kwargs)
-        return out
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        decomps = dict(select_decomp_table())
-        decomps[aten.mm.default] = mm
-        patches = dict(options)
-        if patches.get("cpp_wrapper") and _has_collectives(gm):
-            # torch 2.13's C++ wrapper cannot call the functional collectives (tensor parallel):
-            # "arg type Any is not yet supported by custom_op_wrapper"
-            patches["cpp_wrapper"] = False
-        # The AOTAutograd cache keys on the graph before decomposition and ignores `decompositions`:
-        # it would hand back the stock (BLAS) build of the same graph. Inductor's own FX graph cache
-        # sees the decomposed graph and stays on.
-        with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decomps)
-
-    backend.__name__ = f"inductor_cpu_gemv{max_rows}"
-    return backend
-
-
-def compile_options(device: torch.device | str) -> dict[str, Any]:
-    """Inductor config patches for the decode step on `device` (empty on CUDA)."""
-    if torch.device(device).type != "cpu":
-        return {}
-    return {"cpp_wrapper": True}
-
-
-def frozen_attribute_guards(attribute: str) -> Callable[[list], list[bool]]:
-    """A dynamo `guard_filter_fn` that drops the guards on `self.<attribute>` and everything reached
-    through it (for a bound method whose `self.<attribute>` is a model that no longer changes: its
-    ~5,000 guards cost SmolLM2's decode step ~1 ms, 8-10%, at every call). Guards on the arguments
-    (tokens, cache, sampling tensors) and on global state stay."""
-    prefixes = (f"self.{attribute}", f"L['self'].{attribute}")
-
-    def keep(entries: list) -> list[bool]:
-        return [not e.name.startswith(prefixes) for e in entries]
-
-    return keep
-
-
-def compile_kwargs(device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,
-                   frozen_attribute: str | None = None) -> dict[str, Any]:
-    """`torch.compile` keyword arguments for a static-shape decode step on `device`; with
-    `frozen_attribute` (CPU), no guards on `self.<frozen_attribute>` (see `frozen_attribute_guards`)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return {"fullgraph": True, "mode": "reduce-overhead"}
-    kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
-    if device.type != "cpu":
-        return kw
-    if gemv_max_rows > 0:  # a custom backend takes no Inductor `options`: it passes them to compile_fx itself
-        kw["backend"] = _cpu_backend(gemv_max_rows, compile_options(device))
-        kw["options"] = {}
-    else:
-        kw["options"] = compile_options(device)
-    if frozen_attribute is not None:
-        kw["options"]["guard_filter_fn"] = frozen_attribute_guards(frozen_attribute)
-    return kw
-
-
-RECOMPILE_LIMIT = 64
-
-
-def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
-    """Raise dynamo's per-function recompile limit (default 8) to at least `limit`. Every `Generator`
-    of a process compiles the same methods (one static graph per batch size, per few-token length,
-    per greedy/sampled), and their graphs count against one limit per code object: three quantized
-    copies of a model benchmarked at five batch sizes already need 15; past the limit a
-    `fullgraph=True` compile fails."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the older name survives as an alias
-        if hasattr(cfg, name) and getattr(cfg, name) < limit:
-            setattr(cfg, name, limit)
+__all__ = ["GEMV_MAX_ROWS", "compile_decode", "compile_prefill", "with_recompile_limit"]
 
 
 def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,
-                   frozen_attribute: str | None = None) -> Callable:
-    """`torch.compile(fn)` with the settings this module describes for a decode step on `device`."""
-    kw = compile_kwargs(device, gemv_max_rows, frozen_attribute)
-    log.debug("compiling %s for %s with %s", getattr(fn, "__name__", fn), device, kw)
-    return torch.compile(fn, **kw)
+                   frozen_attribute: str | None = None, what: str = "decode step") -> LoggedCompile:
+    """`fn` compiled as a static-shape decode step on `device` (see the module docstring)."""
+    return LoggedCompile(fn, what, **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
+
+
+def compile_prefill(fn: Callable, what: str = "prefill") -> LoggedCompile:
+    """`fn` compiled with a sequence length the caller marks dynamic (one graph for all lengths)."""
+    return LoggedCompile(fn, what, static_tokens=False, fullgraph=True)
+
+
+def with_recompile_limit(method: Callable) -> Callable:
+    """Decorator for a generator's entry point: while it runs on a compiled generator (`self.compiled`),
+    Dynamo's process-wide per-function recompile limit is raised (`fmstack.backends.recompile_limit`),
+    and restored afterwards. Every generator of a process compiles the same methods (one static graph
+    per batch size, per few-token length, per greedy/sampled) and their graphs share one limit (8 by
+    default) per code object; past it a `fullgraph=True` compile fails."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if not self.compiled:
+            return method(self, *args, **kwargs)
+        with recompile_limit():
+            return method(self, *args, **kwargs)
+
+    return run

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmstack.errors import ParameterError
-from fmstack.generation.compile import GEMV_MAX_ROWS, allow_recompiles, compile_decode
+from fmstack.backends import mark_dynamic
+from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
 
@@ -133,16 +134,16 @@ class Generator:
             compile = False
         self.compiled = compile
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
-        if compile:
-            allow_recompiles()
-            self._prefill_step = torch.compile(self._prefill_impl, fullgraph=True)
-            # Decode has static shapes: on CUDA it is captured as a CUDA graph (reduce-overhead); on CPU
-            # its batch-1 matmuls become streaming reductions (see fmstack.generation.compile).
+        if compile:  # no process-wide settings here: `generate` raises the recompile limit while it runs
+            self._prefill_step = compile_prefill(self._prefill_impl, "prefill")
+            # Decode has static shapes: on CUDA it is captured as a CUDA graph; on CPU its batch-1
+            # matmuls become streaming reductions (see fmstack.generation.compile).
             self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model")
         self._logits_few = self._logits_many = self._logits_impl
         if compile:  # T <= GEMV_MAX_ROWS: static graphs (one per T), like decode; longer: a symbolic length
-            self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model")
-            self._logits_many = torch.compile(self._logits_impl, fullgraph=True)
+            self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model",
+                                              what="forward (few tokens)")
+            self._logits_many = compile_prefill(self._logits_impl, "forward")
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
     def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
@@ -170,17 +171,23 @@ class Generator:
             out = self._logits_few(tokens, positions, cache)
             return out.clone() if self.compiled and self.device.type == "cuda" else out
         if self.compiled:
-            torch._dynamo.mark_dynamic(tokens, 1)
-            torch._dynamo.mark_dynamic(positions, 1)
+            mark_dynamic(tokens, 1)
+            mark_dynamic(positions, 1)
         return self._logits_many(tokens, positions, cache)
 
     def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
         if tokens.shape[1] == 1:  # a one-token prompt is a decode step: reuse that graph
-            return self._decode_step(tokens, positions, cache, *sampling)
+            return self._decode(tokens, positions, cache, *sampling)
         if self.compiled:  # one graph for every prompt length: the sequence dim is symbolic
-            torch._dynamo.mark_dynamic(tokens, 1)
-            torch._dynamo.mark_dynamic(positions, 1)
-        return self._prefill_step(tokens, positions, cache, *sampling)
+            mark_dynamic(tokens, 1)
+            mark_dynamic(positions, 1)
+        return self._prefill_step(tokens, positions, cache, *sampling).clone()  # fed to decode: see _decode
+
+    def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
+        """One decode step -> next ids `[B]`, cloned: the loop feeds them into the next step, and under
+        CUDA graphs (cudagraph trees) the next replay overwrites or frees this replay's outputs
+        (pytorch issue 152887). The clone is B integers."""
+        return self._decode_step(tokens, positions, cache, *sampling).clone()
 
     def ensure_cache(self, batch_size: int, seq_len: int) -> StaticKVCache:
         cfg = self.model.config
@@ -196,6 +203,7 @@ class Generator:
         return self.cache
 
     # -- generation --------------------------------------------------------------------------------
+    @with_recompile_limit  # compiled: Dynamo's process-wide recompile limit is raised while this runs
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
@@ -251,7 +259,7 @@ class Generator:
                     self._accept(i, r, tok, on_text)
             if all(r.done for r in rows):
                 break
-            next_ids = self._decode_step(next_ids[:, None], next_positions, cache, *sampling, noise())
+            next_ids = self._decode(next_ids[:, None], next_positions, cache, *sampling, noise())
             next_positions = next_positions + 1
         t_end = time.perf_counter()
         for r in rows:

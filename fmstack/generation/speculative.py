@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fmstack.errors import ParameterError
+from fmstack.generation.compile import with_recompile_limit
 from fmstack.generation.generate import GenerationResult, Generator, IncrementalDetokenizer
 from fmstack.generation.sampling import SamplingParams, draw, exponential_noise, filtered_probs, sampling_tensors
 
@@ -69,7 +70,9 @@ class SpeculativeGenerator:
         check_same_tokenizer(target.tokenizer, draft.tokenizer, target.model.config.vocab_size,
                              draft.model.config.vocab_size)
         self.target, self.draft, self.k = target, draft, k
+        self.compiled = target.compiled or draft.compiled
 
+    @with_recompile_limit  # compiled: Dynamo's process-wide recompile limit is raised while this runs
     @torch.inference_mode()
     def generate(self, prompt: list[int], params: SamplingParams,
                  on_text: Callable[[int, str], None] | None = None) -> SpeculativeResult:

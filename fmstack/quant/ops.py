@@ -2,21 +2,29 @@
 version) gets and how it wants its weights laid out. Every function computes `x @ dequant(W).T`.
 
 int8 (`w ~= q * scale`, q int8 `[N, K]`, scales `[N]`):
-  CUDA                 `aten._weight_int8pack_mm(x, q, scales)`.
+  CUDA                 `F.linear(x, q.to(x.dtype)) * scales`: inside a compiled model Inductor fuses the
+                       conversion into the matmul (an M=1 one becomes a fused reduction with
+                       coordinate-descent tuning); `_weight_int8pack_mm`'s CUDA kernel is a naive loop.
+  other accelerators   the native `_weight_int8pack_mm` where the device has a kernel for it, else as CUDA.
   CPU, <= 16 rows      `(x * q).sum(-1) * scales`, one reduction per row of x, which Inductor emits
                        as one vectorized pass over the int8 weight with an accumulator per row of x
                        (decode, speculative verification).
   CPU, more rows       `F.linear(x, q.to(x.dtype)) * scales` (BLAS).
 int4 (group-wise asymmetric: value = (q - 8) * scale + zero, q in 0..15, groups of G input columns;
       `scales_and_zeros [K/G, N, 2]`):
-  CUDA                 tinygemm: `_convert_weight_to_int4pack` + `_weight_int4pack_mm` (bf16).
+  CUDA                 tinygemm: `_convert_weight_to_int4pack` + `_weight_int4pack_mm` (bf16), with
+                       `inner_k_tiles` 8 where K % 128 == 0 (else 4 or 2) and scales/zeros stored in
+                       bf16 at pack time; an N not divisible by 8 (or an untileable K) takes the
+                       unpacked layout below.
   CPU                  "group-planar" bytes `[N, K/G, G/2]`: byte j of group g holds q[g*G + j] in its
                        high nibble and q[g*G + G/2 + j] in its low nibble, so both nibbles of a byte
                        meet contiguous activations. <= 16 rows: a fused reduction over the packed
                        bytes; more rows: dequantize + BLAS. scales/zeros stay fp32.
-  other devices        unpacked q `[N, K]`, dequantize + matmul.
+  other devices        unpacked q `[N, K]`, dequantize + matmul (scales/zeros in the activation dtype).
+`int4_mm` tells the layouts apart by the weight's rank: 4 (tinygemm), 3 (planar), 2 (unpacked).
 The CPU kernels are written for Inductor: inside a compiled model they fuse into its graph, and eager
-callers get them compiled once per process (`_cpu_kernel`).
+callers get them compiled once per process (`_cpu_kernel`). The private kernels are reached through
+`fmstack.backends` (which checks they exist for the device).
 
 Why not the native CPU ops: on the AMD EPYC machine we measured (torch 2.13, 2 threads, 30 layers of
 SmolLM2-135M projections), `_weight_int8pack_mm` took 50 ms per pass for one row (2.1 GB/s; the fused
@@ -34,13 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fmstack.generation.compile import rowwise
+from fmstack.backends import LoggedCompile, has_kernel, rowwise
+from fmstack.backends import kernels
 
 log = logging.getLogger(__name__)
 
-aten = torch.ops.aten
-
-INT4_INNER_K_TILES = 2  # K must be a multiple of 16 * this for the CUDA packer
 # CPU: matmuls with at most this many rows stream the quantized weight in a fused reduction, more rows
 # dequantize and use BLAS (the crossover measured by benchmarks/quant_kernels.py --rows 1,2,4,8,16)
 REDUCTION_MAX_ROWS = 16
@@ -51,8 +57,10 @@ def _compiling() -> bool:
 
 
 def has_native_int4(device: torch.device) -> bool:
-    """Whether `device` runs int4 through a native (tinygemm) kernel; only CUDA does here."""
-    return device.type == "cuda" and hasattr(aten, "_weight_int4pack_mm")
+    """Whether `device` runs int4 through a native (tinygemm) kernel; only CUDA does here, where this
+    torch has the packer and the matmul for it."""
+    return (device.type == "cuda" and has_kernel("_weight_int4pack_mm", device)
+            and has_kernel("_convert_weight_to_int4pack", device))
 
 
 # -- int8 -----------------------------------------------------------------------------------------
@@ -76,13 +84,23 @@ def _int8_cpu(x: Tensor, weight: Tensor, scales: Tensor, specialize: bool = Fals
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
+def int8_kernel(device: torch.device) -> str:
+    """Which int8 matmul `device` gets (see the module docstring): "reduction" (CPU), "native"
+    (`_weight_int8pack_mm`, on a non-CUDA accelerator with a kernel for it) or "linear"."""
+    if device.type == "cpu":
+        return "reduction"
+    if device.type != "cuda" and has_kernel("_weight_int8pack_mm", device):
+        return "native"
+    return "linear"
+
+
 def int8_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x `[M, K]` (fp), weight int8 `[N, K]`, scales `[N]` -> `[M, N]` in x's dtype."""
-    if x.device.type == "cpu":
+    kind = int8_kernel(x.device)
+    if kind == "reduction":
         return _cpu_kernel(_int8_cpu)(x, weight, scales)
-    x = x.contiguous()  # the native kernels need dense rows (x may be a strided last-position slice)
-    if hasattr(aten, "_weight_int8pack_mm") and x.device.type == "cuda":
-        return aten._weight_int8pack_mm(x, weight, scales.to(x.dtype))
+    if kind == "native":  # the native kernel needs dense rows (x may be a strided last-position slice)
+        return kernels.int8pack_mm(x.contiguous(), weight, scales.to(x.dtype))
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
@@ -112,16 +130,33 @@ def unpack_group_planar(packed: Tensor) -> Tensor:
     return torch.cat([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
 
 
-def int4_prepare(q: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Portable int4 (q uint8 `[N, K]`, scales/zeros `[N, K/G]`) -> what the device's kernel consumes:
-    (weight in the device layout, scales_and_zeros `[K/G, N, 2]`; fp32 on CPU, `dtype` elsewhere)."""
-    device = q.device
-    group_size = q.shape[1] // scales.shape[1]
-    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+INT4_LAYOUTS = ("planar", "tinygemm", "unpacked")
+
+
+def int4_layout(device: torch.device, n: int, k: int, group_size: int) -> str:
+    """The int4 layout `device` gets for a `[N, K]` weight (see the module docstring)."""
     if device.type == "cpu":
+        return "planar"
+    if has_native_int4(device) and kernels.tinygemm_fits(n, k, group_size):
+        return "tinygemm"
+    return "unpacked"
+
+
+def int4_prepare(q: Tensor, scales: Tensor, zeros: Tensor, dtype: torch.dtype,
+                 layout: str | None = None) -> tuple[Tensor, Tensor]:
+    """Portable int4 (q uint8 `[N, K]`, scales/zeros `[N, K/G]`) -> what the device's kernel consumes:
+    (weight in `layout`, default `int4_layout`'s choice; scales_and_zeros `[K/G, N, 2]`: fp32 for
+    planar, bf16 for tinygemm, `dtype` unpacked)."""
+    (n, k), group_size = q.shape, q.shape[1] // scales.shape[1]
+    layout = layout or int4_layout(q.device, n, k, group_size)
+    if layout not in INT4_LAYOUTS:
+        raise ValueError(f"int4 layout {layout!r} is unknown; choose one of {', '.join(INT4_LAYOUTS)}")
+    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    if layout == "planar":
         return pack_group_planar(q, group_size), sz.float()
-    if has_native_int4(device):
-        return aten._convert_weight_to_int4pack(pack_uint4(q).contiguous(), INT4_INNER_K_TILES), sz.to(dtype)
+    if layout == "tinygemm":
+        packed = kernels.int4pack_convert(pack_uint4(q), kernels.int4_inner_k_tiles(k))
+        return packed, sz.to(torch.bfloat16)
     return q.to(torch.uint8), sz.to(dtype)
 
 
@@ -155,13 +190,11 @@ def _int4_cpu(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, specialize: b
 
 
 def int4_mm(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
-    """x `[M, K]` -> `[M, N]` with a weight from `int4_prepare`."""
-    if x.device.type == "cpu":
+    """x `[M, K]` -> `[M, N]` with a weight from `int4_prepare` (its layout told by its rank)."""
+    if weight.dim() == 3:  # planar (CPU)
         return _cpu_kernel(_int4_cpu)(x, weight, scales_and_zeros)
-    if has_native_int4(x.device):
-        out = aten._weight_int4pack_mm(x.contiguous().to(torch.bfloat16), weight, group_size,
-                                       scales_and_zeros.to(torch.bfloat16))
-        return out.to(x.dtype)
+    if weight.dim() == 4:  # tinygemm; scales_and_zeros are bf16 since int4_prepare
+        return kernels.int4pack_mm(x.contiguous().to(torch.bfloat16), weight, group_size, scales_and_zeros).to(x.dtype)
     n, k = weight.shape
     w = weight.to(x.dtype).view(n, k // group_size, group_size) - 8
     sz = scales_and_zeros.to(x.dtype)
@@ -170,6 +203,10 @@ def int4_mm(x: Tensor, weight: Tensor, scales_and_zeros: Tensor, group_size: int
 
 
 # -- CPU kernels for eager callers ----------------------------------------------------------------
+
+def _rows_label(rows: int) -> str:  # the two graphs of an eager kernel: reduction or BLAS
+    return f"<= {REDUCTION_MAX_ROWS} rows" if rows <= REDUCTION_MAX_ROWS else f"> {REDUCTION_MAX_ROWS} rows"
+
 
 _compiled_kernels: dict[Callable, Callable] = {}
 _compile_failed = False
@@ -186,8 +223,9 @@ def _cpu_kernel(fn: Callable) -> Callable:
         return fn
     kernel = _compiled_kernels.get(fn)
     if kernel is None:
-        kernel = _compiled_kernels[fn] = torch.compile(lambda *a: fn(*a, specialize=True), dynamic=True,
-                                                       fullgraph=True)
+        kernel = _compiled_kernels[fn] = LoggedCompile(
+            lambda *a: fn(*a, specialize=True), f"quantized CPU kernel {fn.__name__}", dynamic=True,
+            fullgraph=True, key=lambda args: (_rows_label(args[0].shape[0]),))
 
     def run(*args: Tensor) -> Tensor:
         global _compile_failed

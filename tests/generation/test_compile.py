@@ -78,9 +78,9 @@ def test_cpu_sdpa_backends_give_same_tokens(tiny, backend):
 
 def test_batch1_decode_reductions_equal_blas(tiny):
     """The CPU decode backend lowers batch-1 matmuls to streaming reductions: same logits as eager BLAS."""
-    from fmstack.generation.compile import compile_kwargs
+    from fmstack.backends import decode_compile_kwargs
 
-    assert compile_kwargs("cpu")["backend"].__name__.startswith("inductor_cpu_gemv")
+    assert decode_compile_kwargs("cpu")["backend"].__name__.startswith("inductor_cpu_gemv")
     torch._dynamo.reset()
     gen = Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
     eager = Generator(tiny, eos_ids=[], max_seq_len=64)
@@ -100,7 +100,7 @@ def test_batch1_decode_reductions_equal_blas(tiny):
 def test_few_row_matmul_reduction_equals_blas(rows, monkeypatch):
     """The decode backend lowers an `[M, K] @ [K, N]` of up to GEMV_MAX_ROWS rows (here with a
     pointwise producer) to per-row reductions, more rows to BLAS; both equal eager BLAS."""
-    from fmstack.generation import compile as gc
+    from fmstack.backends import inductor as gc
 
     lowered = []
     real_rowwise = gc.rowwise
@@ -108,7 +108,7 @@ def test_few_row_matmul_reduction_equals_blas(rows, monkeypatch):
     torch._dynamo.reset()
     w = torch.randn(96, 64)
     x = torch.randn(rows, 64)
-    fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **gc.compile_kwargs("cpu"))
+    fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **gc.decode_compile_kwargs("cpu"))
     torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) @ w.T, rtol=1e-5, atol=1e-5)
     assert lowered == ([rows] if rows <= gc.GEMV_MAX_ROWS else [])
 
@@ -117,7 +117,7 @@ def test_collective_graphs_are_detected():
     """Graphs with functional collectives (tensor parallel) compile without the C++ wrapper, which
     cannot call them; other graphs keep it."""
     import torch.fx as fx
-    from fmstack.generation.compile import _has_collectives
+    from fmstack.backends.inductor import has_collectives as _has_collectives
 
     plain = fx.symbolic_trace(lambda v: torch.relu(v) + 1)
     assert not _has_collectives(plain)
@@ -148,10 +148,66 @@ def test_generators_of_different_models_do_not_share_graphs(tiny):
     assert want[0] != want[2]  # the two float models really differ
 
 
-def test_compiled_generator_raises_the_shared_recompile_limit(tiny):
-    """Every Generator compiles the same methods; their graphs share dynamo's per-function limit."""
-    from fmstack.generation.compile import RECOMPILE_LIMIT
+def test_recompile_limit_is_raised_only_while_a_compiled_generator_runs(tiny, monkeypatch):
+    """Every Generator compiles the same methods; their graphs share dynamo's per-function limit.
+    Constructing a Generator changes no process-wide setting; `generate` raises the limit while it
+    runs (when it compiles) and restores it after."""
+    from fmstack.backends import RECOMPILE_LIMIT
 
+    seen = []
     with torch._dynamo.config.patch(recompile_limit=8):
-        Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
-        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+        gen = Generator(tiny, eos_ids=[], max_seq_len=64)
+        compiled = Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
+        assert torch._dynamo.config.recompile_limit == 8
+        for g in (gen, compiled):
+            monkeypatch.setattr(g, "_prefill", lambda *a: seen.append(torch._dynamo.config.recompile_limit)
+                                or torch.zeros(1, dtype=torch.long))
+            g.generate([[1, 2, 3]], SamplingParams(max_new_tokens=1))
+        assert seen == [8, RECOMPILE_LIMIT]
+        assert torch._dynamo.config.recompile_limit == 8
+
+
+class _ReuseRecorder:
+    """Wraps model steps: keeps every output (so no storage is recycled) and notes each call that
+    receives a tensor sharing storage with an earlier output. A CUDA-graphed step's outputs are
+    overwritten or freed by its next replay (pytorch issue 152887), so none may be fed back in."""
+
+    def __init__(self):
+        self.outputs: list[torch.Tensor] = []
+        self.reused: list[str] = []
+        self.calls = 0
+
+    def wrap(self, name, step):
+        def run(*args):
+            self.calls += 1
+            earlier = {o.untyped_storage().data_ptr() for o in self.outputs}
+            self.reused += [f"{name} arg {i}" for i, a in enumerate(args)
+                            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in earlier]
+            out = step(*args)
+            self.outputs.append(out)
+            return out
+        return run
+
+
+@pytest.mark.parametrize("prompts", [[[7]], [[1, 2, 3], [4, 5]]], ids=["one-token-prefill", "batch2"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_decode_loop_never_feeds_a_step_output_back(tiny, prompts, temperature):
+    gen = Generator(tiny, eos_ids=[], max_seq_len=64)
+    rec = _ReuseRecorder()
+    gen._prefill_step = rec.wrap("prefill", gen._prefill_step)
+    gen._decode_step = rec.wrap("decode", gen._decode_step)
+    gen.generate(prompts, SamplingParams(max_new_tokens=6, temperature=temperature, seed=0))
+    assert rec.calls == 6 and rec.reused == []
+
+
+def test_speculative_decoding_never_feeds_a_step_output_back(tiny):
+    from fmstack.generation.speculative import SpeculativeGenerator
+
+    target = Generator(tiny, eos_ids=[], max_seq_len=64)
+    draft = Generator(load_model("random:tiny-gqa", seed=1).model, eos_ids=[], max_seq_len=64)
+    rec = _ReuseRecorder()
+    for name, g in (("target", target), ("draft", draft)):
+        g._logits_few = rec.wrap(f"{name} few", g._logits_few)
+        g._logits_many = rec.wrap(f"{name} many", g._logits_many)
+    SpeculativeGenerator(target, draft, 3).generate([5, 6, 7], SamplingParams(max_new_tokens=12))
+    assert rec.calls > 4 and rec.reused == []

@@ -1,0 +1,58 @@
+"""`torch.compile` with a log line per compilation: what is compiled (which step, batch size, token
+count, greedy/sampled), that it happens once per process (Inductor's on-disk cache makes later
+processes on the machine faster), and how long it took. A compile is minutes for a real model on a
+small CPU, and without these lines the first request looks hung."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fmstack.backends.dynamo import compile_counters
+
+log = logging.getLogger(__name__)
+
+
+def step_key(args: tuple, static_tokens: bool = True) -> tuple[str, ...]:
+    """What distinguishes one compiled graph of a model step from another, in words: the token batch's
+    batch size and token count (the count left out with `static_tokens` False: it is symbolic) and,
+    for the sampling steps (tokens, positions, cache, temperature, top_k, top_p, noise), whether noise
+    is None (the greedy graph)."""
+    shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
+    words = [f"batch {shape[0]}"] if shape else []
+    if static_tokens and len(shape) > 1 and shape[1] > 1:
+        words.append(f"{shape[1]} tokens")
+    if len(args) == 7:
+        words.append("greedy" if args[6] is None else "sampled")
+    return tuple(words)
+
+
+class LoggedCompile:
+    """`torch.compile(fn, **kwargs)` whose first call per key (`key(args)`, default `step_key`) logs
+    (info) before and after, with the elapsed time and how many graphs Dynamo built in between. Other
+    calls go straight through (the key and one set lookup of overhead)."""
+
+    def __init__(self, fn: Callable, what: str, static_tokens: bool = True,
+                 key: Callable[[tuple], tuple[str, ...]] | None = None, **kwargs: Any):
+        self.what = what
+        self.key = key or (lambda args: step_key(args, static_tokens))
+        self.compiled = torch.compile(fn, **kwargs)
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        key = self.key(args)
+        if key in self._seen:
+            return self.compiled(*args)
+        self._seen.add(key)
+        label = ", ".join(key) or "first call"
+        log.info("compiling %s (%s): once per process, faster when Inductor's on-disk cache has it",
+                 self.what, label)
+        before, t0 = compile_counters()["graphs"], time.perf_counter()
+        out = self.compiled(*args)
+        log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, label,
+                 time.perf_counter() - t0, compile_counters()["graphs"] - before)
+        return out
