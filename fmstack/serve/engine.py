@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
 from fmstack.errors import FmstackError, ParameterError
-from fmstack.generation.generate import IncrementalDetokenizer, sdpa_backends
+from fmstack.generation.generate import sdpa_backends
+from fmstack.generation.stopping import IncrementalDetokenizer
 from fmstack.generation.sampling import SamplingParams, filtered_probs, draw
 from fmstack.serve.paged_cache import (AttnGroup, BlockAllocator, PagedKVCache, StepMeta, build_group,
                                        chain_hashes)
