@@ -10,7 +10,8 @@
    reused instead of recomputed.
 `update_from_output()` closes the loop after the runner: it advances each sequence, registers its
 newly completed blocks in the prefix cache and appends the sampled tokens. Prefix matching and
-registration both key blocks through `paged_cache.block_key`, so a registered block is found again.
+registration both key blocks through `paged_cache.block_key` (`chain_hashes` chains it), so a
+registered block is found again.
 
 Not thread-safe: the engine calls it under its lock.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from fmstack.serve.paged_cache import BlockAllocator, block_key
+from fmstack.serve.paged_cache import BlockAllocator, block_key, chain_hashes
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,12 @@ class Scheduler:
         token to compute (its logits are needed). Nothing is taken."""
         if not self.allocator.prefix_caching or seq.wants_prompt_logprobs:
             return []
-        hits, parent, bs = [], None, self.block_size
-        for i in range((seq.num_tokens - 1) // bs):
-            key = block_key(parent, seq.tokens[i * bs:(i + 1) * bs])
+        hits = []
+        for key in chain_hashes(seq.tokens, self.block_size, (seq.num_tokens - 1) // self.block_size):
             block = self.allocator.lookup(key)
             if block is None:
                 break
             hits.append((key, block))
-            parent = hash(key)
         return hits
 
     def _use_prefix(self, seq: Sequence, hits: list[tuple[tuple, int]]) -> None:

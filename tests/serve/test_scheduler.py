@@ -20,6 +20,15 @@ def seq(rid, prompt, max_new=4, arrival=0, prompt_logprobs=None):
                                                      prompt_logprobs=prompt_logprobs), arrival)
 
 
+def scheduled_pair(x_len, y_len):
+    """A scheduler, sequences x and y (prompts of the given lengths) and their first scheduled step."""
+    s = make()
+    x, y = seq("x", range(x_len)), seq("y", range(y_len))
+    s.add(x)
+    s.add(y)
+    return s, x, y, s.schedule()
+
+
 def fake_run(out):
     return RunnerOutput(sampled={c.seq.id: TOKEN for c in out.chunks if c.sample})
 
@@ -109,11 +118,7 @@ def test_a_whole_prompt_hit_still_computes_its_last_token():
 
 
 def test_abort_and_finish_free_blocks_and_a_stale_chunk_is_ignored():
-    s = make()
-    x, y = seq("x", range(9)), seq("y", range(5))
-    s.add(x)
-    s.add(y)
-    out = s.schedule()
+    s, x, y, out = scheduled_pair(9, 5)
     assert s.allocator.num_used == 3 + 2
     s.finish(x, "abort")  # while the step "runs"
     assert s.allocator.num_used == 2 and x.finished and x not in s.running
@@ -124,11 +129,7 @@ def test_abort_and_finish_free_blocks_and_a_stale_chunk_is_ignored():
 
 
 def test_failed_chunk_does_not_advance():
-    s = make()
-    x, y = seq("x", range(3)), seq("y", range(3))
-    s.add(x)
-    s.add(y)
-    out = s.schedule()
+    s, x, y, out = scheduled_pair(3, 3)
     result = fake_run(out)
     result.failed["x"] = "boom"
     assert s.update_from_output(out, result) == [y] and x.num_computed == 0 and x.num_tokens == 3
