@@ -1,6 +1,8 @@
-"""One serving request's parameters and state, shared by the scheduler (tokens, blocks, progress),
-the runner (what to sample with) and the engine (stops, outputs). Kept apart so the scheduler can
-be driven and tested without a model or a tokenizer."""
+"""What the engine's three parts pass each other: a request's parameters and state (`Sequence`:
+tokens, blocks and progress for the scheduler, sampling parameters and generator for the runner,
+stops and callback for the engine), one step's plan (`SchedulerOutput`) and its result
+(`RunnerOutput`). Kept apart from all three so none imports another's module for its types and the
+scheduler can be driven and tested without a model or a tokenizer."""
 
 from __future__ import annotations
 
