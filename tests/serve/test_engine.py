@@ -333,3 +333,15 @@ def test_a_cuda_error_stops_the_engine_and_fails_everyone(tiny, monkeypatch):
     assert eng.stats().blocks_used == 0
     with pytest.raises(FmstackError, match="stopped after an error"):
         eng.add_request("x", [1], RequestParams(), cb)
+
+
+def test_stop_tokens_end_a_request_with_stop_and_are_kept_in_its_tokens(tiny):
+    ps = prompts([7, 9], seed=25)
+    ref = reference(tiny, ps, 10)
+    stop = ref[0][3]
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=16))
+    outs, _ = run(eng, ps, [RequestParams(SamplingParams(max_new_tokens=9), stop_token_ids=(stop,)),
+                            RequestParams(SamplingParams(max_new_tokens=7, ignore_eos=True), stop_token_ids=(-1,))])
+    assert tokens_of(outs)["0"] == ref[0][:ref[0].index(stop) + 1] and outs["0"][-1].finish_reason == "stop"
+    assert tokens_of(outs)["1"] == ref[1][:7] and outs["1"][-1].finish_reason == "length"
+    assert eng.stats().finished == {"stop": 1, "length": 1, "abort": 0}
