@@ -63,11 +63,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.stream:
         print(result.text)
     log.info("prefill %.3fs, decode %.1f tok/s (%d tokens, %s)", result.prefill_s,
-             result.decode_tokens_per_s, len(result.token_ids), result.finish_reason)
+             result.decode_tokens_per_s, len(result.token_ids), cli_finish_reason(result))
     if draft is not None:
         log.info("speculative k=%d: acceptance %.1f%%, %.2f draft tokens accepted per round", k,
                  100 * result.acceptance_rate, result.mean_accepted)
     return 0
+
+
+def cli_finish_reason(result) -> str:
+    """The CLI's finish reasons: "eos" when an EOS token stopped it (the library says "stop" with
+    the token id in `stop_reason`), else the library's "stop" (a stop string) or "length"."""
+    return "eos" if result.finish_reason == "stop" and isinstance(result.stop_reason, int) else result.finish_reason
 
 
 def _json_report(loaded, prompt_ids: list[int], result, draft, draft_quantize: str | None, k: int) -> dict:
@@ -76,7 +82,7 @@ def _json_report(loaded, prompt_ids: list[int], result, draft, draft_quantize: s
         "text": result.text,
         "prompt_token_ids": prompt_ids,
         "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
+        "finish_reason": cli_finish_reason(result),
         "load_s": round(loaded.load_s, 4),
         "prefill_s": round(result.prefill_s, 4),
         "decode_s": round(result.decode_s, 4),

@@ -1,5 +1,6 @@
 """Batched generation over a static KV cache: left-padded prompts, per-row sampling parameters,
-per-row stops (EOS, stop strings, max tokens), streaming text with incremental detokenization."""
+per-row stops (EOS, stop strings, max tokens: `generation.stopping`), streaming text with incremental
+detokenization."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fmstack.backends import mark_dynamic
 from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
+from fmstack.generation.stopping import StopChecker
 
 SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
@@ -46,7 +48,8 @@ CACHE_LEN_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby requ
 class GenerationResult:
     token_ids: list[int]
     text: str = ""
-    finish_reason: str = "length"  # "length" | "eos" | "stop"
+    finish_reason: str = "length"  # "length" | "stop" (see fmstack.generation.stopping)
+    stop_reason: int | str | None = None  # with "stop": the EOS id or the stop string that ended it
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -56,51 +59,10 @@ class GenerationResult:
         return n / self.decode_s if self.decode_s > 0 else 0.0
 
 
-class IncrementalDetokenizer:
-    """Turns a growing token list into text deltas, holding back incomplete UTF-8 sequences and any
-    tail that could still become a stop string.
-
-    Each step decodes only the tokens since the last complete boundary (`_start`), and takes the
-    text beyond what the same window decoded to before (`_prev`), so the cost per token stays flat
-    and context-dependent decoding (e.g. sentencepiece's leading space) stays right."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.ids: list[int] = []
-        self.text = ""  # decoded text so far (complete characters only; cut at a stop string)
-        self.emitted = 0
-        self.stopped = False
-        self._start, self._prev = 0, ""
-
-    def add(self, token_id: int) -> str:
-        """Append a token; return the newly printable text ('' while a character is incomplete)."""
-        self.ids.append(token_id)
-        window = self.tokenizer.decode(self.ids[self._start:])
-        if window.endswith("\ufffd"):
-            return ""  # a multi-byte character is still incomplete
-        self.text += window[len(self._prev):]
-        self._start, self._prev = max(len(self.ids) - 4, self._start), ""
-        if self._start < len(self.ids):  # keep a few tokens of context for the next window
-            self._prev = self.tokenizer.decode(self.ids[self._start:])
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.text, self.stopped = self.text[:at], True
-        hold = 0 if self.stopped else max((len(s) - 1 for s in self.stop), default=0)
-        end = max(self.emitted, len(self.text) - hold)
-        delta, self.emitted = self.text[self.emitted:end], end
-        return delta
-
-    def flush(self) -> str:
-        delta, self.emitted = self.text[self.emitted:], len(self.text)
-        return delta
-
-
 @dataclass
 class _Row:
     params: SamplingParams
-    prompt_len: int
-    detok: IncrementalDetokenizer | None
+    stops: StopChecker
     result: GenerationResult = field(default_factory=lambda: GenerationResult([]))
     done: bool = False
 
@@ -224,8 +186,7 @@ class Generator:
         B, L = len(prompts), max(len(p) for p in prompts)
         max_new = max(p.max_new_tokens for p in plist)
         cache = self.ensure_cache(B, L + max_new)
-        rows = [_Row(p, len(ids), IncrementalDetokenizer(self.tokenizer, p.stop) if self.tokenizer else None)
-                for p, ids in zip(plist, prompts)]
+        rows = [_Row(p, StopChecker(p, self.eos_ids, self.tokenizer)) for p in plist]
         dev = self.device
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
         tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=dev)
@@ -269,22 +230,13 @@ class Generator:
 
     def _accept(self, i: int, r: _Row, tok: int, on_text: Callable[[int, str], None] | None) -> None:
         res = r.result
-        res.token_ids.append(tok)
-        if tok in self.eos_ids and not r.params.ignore_eos:  # kept in token_ids, not in text
-            r.done, res.finish_reason = True, "eos"
-        elif r.detok is not None:
-            delta = r.detok.add(tok)
-            if on_text and delta:
-                on_text(i, delta)
-            if r.detok.stopped:
-                r.done, res.finish_reason = True, "stop"
-        if not r.done and len(res.token_ids) >= r.params.max_new_tokens:
-            r.done, res.finish_reason = True, "length"
-        if r.done and r.detok is not None:
-            tail = r.detok.flush()
-            if on_text and tail:
-                on_text(i, tail)
-            res.text = r.detok.text
+        res.token_ids.append(tok)  # a stop token is kept in token_ids, not in text
+        delta = r.stops.add(tok)
+        if on_text and delta:
+            on_text(i, delta)
+        if r.stops.finished:
+            r.done = True
+            res.finish_reason, res.stop_reason, res.text = r.stops.finish_reason, r.stops.stop_reason, r.stops.text
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:

@@ -1,7 +1,8 @@
 """Sampling parameters (validated) and a batched, host-sync-free sampler.
 
 `sample` takes per-row temperature/top-k/top-p tensors, so one compiled step serves rows with
-different request parameters. Multinomial draws use the exponential race (argmax p_i / E_i with
+different request parameters (`Generator` runs it inside its compiled step; the serving engine calls
+it through `sample_rows`). Multinomial draws use the exponential race (argmax p_i / E_i with
 E_i ~ Exp(1)), which needs no host synchronisation, unlike `torch.multinomial` on CUDA.
 """
 
@@ -35,12 +36,13 @@ class SamplingParams:
             raise bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 0")
         if not isinstance(self.temperature, (int, float)) or not (0.0 <= self.temperature < float("inf")):
             raise bad("temperature", self.temperature, "must be a finite number >= 0 (0 means greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 disables top-k)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
+            raise bad("top_k", self.top_k, "must be an integer in [0, 2**63) (0 disables top-k)")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise bad("top_p", self.top_p, "must be in (0, 1] (1 disables nucleus sampling)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", self.seed, "must be an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise bad("seed", self.seed, "must be an integer in [-2**63, 2**64) or None")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad("stop", self.stop, "must be a list of non-empty strings")
@@ -91,6 +93,16 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, no
     """
     sampled = draw(filtered_probs(logits, temperature, top_k, top_p), noise)
     return torch.where(temperature == 0, logits.argmax(dim=-1), sampled)
+
+
+def sample_rows(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    """The host-driven entry point (the serving engine): logits `[B, V]`, one `SamplingParams` and
+    one generator (None: the global RNG) per row -> token ids `[B]`. An all-greedy batch takes the
+    argmax alone (no sort, no noise)."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1)
+    noise = exponential_noise(tuple(logits.shape), generators, logits.device)
+    return sample(logits, *sampling_tensors(params, logits.device), noise)
 
 
 def exponential_noise(shape: tuple[int, ...], generators: list[torch.Generator | None],

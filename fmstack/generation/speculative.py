@@ -23,8 +23,9 @@ from torch import Tensor
 
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import with_recompile_limit
-from fmstack.generation.generate import GenerationResult, Generator, IncrementalDetokenizer
+from fmstack.generation.generate import GenerationResult, Generator
 from fmstack.generation.sampling import SamplingParams, draw, exponential_noise, filtered_probs, sampling_tensors
+from fmstack.generation.stopping import StopChecker
 
 MAX_SPECULATE_K = 16
 _PROBE_TEXTS = ("Hello, world!", " The year 2024: naïve café 🙂", "<|im_start|>user\nhi<|im_end|>")
@@ -90,7 +91,7 @@ class SpeculativeGenerator:
         temperature, top_k, top_p = sampling_tensors([params], dev)
         gen = tgt._generator(params.seed)
         vocab = tgt.model.config.vocab_size
-        detok = IncrementalDetokenizer(tgt.tokenizer, params.stop) if tgt.tokenizer is not None else None
+        stops = StopChecker(params, tgt.eos_ids, tgt.tokenizer)
 
         def probs(logits: Tensor) -> Tensor:  # [T, V] -> the sampling distributions [T, V]
             if params.greedy:  # one-hot on the argmax (what filtered_probs gives, without its sort)
@@ -116,8 +117,7 @@ class SpeculativeGenerator:
         draft_pending = [first]  # tokens the draft cache still lacks, ending with `last`
         new_tokens = [first]
         while True:
-            done = self._emit(new_tokens, res, params, detok, on_text)
-            if done:
+            if self._emit(new_tokens, res, stops, on_text):
                 break
             # Draft proposes k tokens.
             proposals, q = [], []
@@ -152,32 +152,18 @@ class SpeculativeGenerator:
             draft_pending = new_tokens[-2:] if accepted == k else new_tokens[-1:]
             last, last_pos = new_tokens[-1], last_pos + accepted + 1
         res.prefill_s, res.decode_s = t_first - t0, time.perf_counter() - t_first
-        if detok is not None:
-            res.text = detok.text
+        res.finish_reason, res.stop_reason, res.text = stops.finish_reason, stops.stop_reason, stops.text
         return res
 
-    def _emit(self, new_tokens: list[int], res: SpeculativeResult, params: SamplingParams,
-              detok: IncrementalDetokenizer | None, on_text: Callable[[int, str], None] | None) -> bool:
-        """Append tokens in order, applying EOS / stop-string / length stops; True when finished."""
+    @staticmethod
+    def _emit(new_tokens: list[int], res: SpeculativeResult, stops: StopChecker,
+              on_text: Callable[[int, str], None] | None) -> bool:
+        """Append tokens in order until `stops` finishes the sequence; True when finished."""
         for tok in new_tokens:
             res.token_ids.append(tok)
-            if tok in self.target.eos_ids and not params.ignore_eos:
-                res.finish_reason = "eos"
-                break
-            if detok is not None:
-                delta = detok.add(tok)
-                if on_text and delta:
-                    on_text(0, delta)
-                if detok.stopped:
-                    res.finish_reason = "stop"
-                    break
-            if len(res.token_ids) >= params.max_new_tokens:
-                res.finish_reason = "length"
-                break
-        else:
-            return False
-        if detok is not None and on_text:
-            tail = detok.flush()
-            if tail:
-                on_text(0, tail)
-        return True
+            delta = stops.add(tok)
+            if on_text and delta:
+                on_text(0, delta)
+            if stops.finished:
+                return True
+        return False

@@ -143,12 +143,6 @@ class StepMeta:
     out_index: Tensor
     groups: tuple[AttnGroup, ...]
 
-    def tensors(self) -> list[Tensor]:
-        out = [self.slot_mapping, self.out_index]
-        for g in self.groups:
-            out += [g.q_index, g.q_pos, g.kv_slots]
-        return out
-
     def mark_dynamic(self) -> None:
         """Mark every size dynamic for torch.compile (one graph per group layout, not per size)."""
         mark = torch._dynamo.maybe_mark_dynamic

@@ -1,12 +1,13 @@
 """Generation loop on tiny random models: greedy == plain argmax loop, batched == single,
-seeded sampling reproducible, parameter validation, incremental detokenization."""
+seeded sampling reproducible, parameter validation."""
 
 import pytest
 import torch
 
 from fmstack.errors import ParameterError
-from fmstack.generation.generate import Generator, IncrementalDetokenizer
+from fmstack.generation.generate import Generator
 from fmstack.generation.sampling import SamplingParams, sample
+from fmstack.commands.generate import cli_finish_reason
 from fmstack.loading import load_model
 
 
@@ -45,7 +46,8 @@ def test_eos_stops_row(tiny):
     free = Generator(tiny, eos_ids=[]).generate([prompt], SamplingParams(max_new_tokens=8))[0].token_ids
     eos = free[3]
     out = Generator(tiny, eos_ids=[eos]).generate([prompt], SamplingParams(max_new_tokens=8))[0]
-    assert out.token_ids == free[:free.index(eos) + 1] and out.finish_reason == "eos"
+    assert out.token_ids == free[:free.index(eos) + 1] and out.finish_reason == "stop" and out.stop_reason == eos
+    assert cli_finish_reason(out) == "eos"  # what `fmstack generate --json` prints
 
 
 def test_seeded_sampling_is_reproducible_and_varies(tiny):
@@ -92,25 +94,3 @@ def test_bad_prompts_are_rejected(tiny):
     with pytest.raises(ParameterError, match="context length"):
         gen.generate([[1] * 200], SamplingParams(max_new_tokens=100))
 
-
-class ByteTokenizer:
-    """Token i < 256 is byte i: lets the test split a multi-byte character across tokens."""
-
-    eos_ids = frozenset()
-
-    def decode(self, ids):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-def test_incremental_detokenizer_never_emits_broken_utf8():
-    text = "héllo 🙂 wörld ✓"
-    detok = IncrementalDetokenizer(ByteTokenizer())
-    pieces = [detok.add(b) for b in text.encode()]
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) + detok.flush() == text
-
-
-def test_incremental_detokenizer_stop_string_is_held_back_and_cut():
-    detok = IncrementalDetokenizer(ByteTokenizer(), stop=["END"])
-    out = "".join(detok.add(b) for b in "abc ENxEND tail".encode() if not detok.stopped) + detok.flush()
-    assert out == "abc ENx" and detok.stopped

@@ -1,7 +1,7 @@
 """Streaming with the real byte-level BPE tokenizer: multi-byte characters split across tokens are
 never emitted half-done, and the streamed pieces add up to the final text."""
 
-from fmstack.generation.generate import IncrementalDetokenizer
+from fmstack.generation.stopping import IncrementalDetokenizer
 from fmstack.tokenizer import load_tokenizer
 
 TEXT = "Grüße aus Köln 🙂🎉 — 東京タワー ✓ naïve café"

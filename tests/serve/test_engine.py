@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmstack.errors import ParameterError
+from fmstack.errors import FmstackError, ParameterError
 from fmstack.generation.generate import Generator
 from fmstack.generation.sampling import SamplingParams
 from fmstack.loading import load_model
@@ -226,3 +226,122 @@ def test_quantized_model_on_the_engine_thread_matches_solo_greedy(tiny):
         finally:
             eng.shutdown()
         assert outs == {str(i): r for i, r in enumerate(ref)}, spec
+
+
+def test_mid_prompt_only_step_still_writes_the_cache(tiny):
+    """A step holding only mid-prompt chunks computes no logits but must run (its K/V are needed)."""
+    ps = prompts([40], seed=15)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16, max_model_len=128))
+    outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=6)))
+    assert tokens_of(outs)["0"] == reference(tiny, ps, 6)[0]
+
+
+def test_runner_output_is_host_values_only(tiny):
+    """Nothing a compiled (CUDA-graph) step returns is kept: ids and logprobs come back as Python numbers."""
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    eng.add_request("a", prompts([6])[0], RequestParams(SamplingParams(max_new_tokens=3), logprobs=2,
+                                                        prompt_logprobs=1), lambda o: None)
+    out = eng.runner.execute(eng.scheduler.schedule())
+    lp, plp = out.logprobs["a"], out.prompt_logprobs["a"]
+    assert type(out.sampled["a"]) is int and type(lp.logprob) is float
+    assert all(type(t) is int and type(v) is float for t, v in lp.top)
+    assert all(type(e.logprob) is float for e in plp if e is not None) and plp[-1] is None
+
+
+def failing_runner(monkeypatch, eng, culprit, times=None):
+    """Make every step holding `culprit` raise (only the first `times` such steps if given)."""
+    real, calls = eng.runner.execute, []
+
+    def execute(scheduled):
+        if any(c.seq.id == culprit for c in scheduled.chunks) and (times is None or len(calls) < times):
+            calls.append(len(scheduled.chunks))
+            raise ValueError(f"injected fault for {culprit}")
+        return real(scheduled)
+
+    monkeypatch.setattr(eng.runner, "execute", execute)
+    return calls
+
+
+def test_a_transient_fault_in_a_batched_step_is_retried_per_request(tiny, monkeypatch):
+    ps = prompts([5, 17, 9], seed=17)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    calls = failing_runner(monkeypatch, eng, "1", times=1)
+    outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=8)))
+    assert calls == [3]  # the batch failed once; the one-at-a-time rerun succeeded
+    assert tokens_of(outs) == {str(i): r for i, r in enumerate(reference(tiny, ps, 8))}
+    assert all(o.error is None for v in outs.values() for o in v) and eng.stats().failed == 0
+
+
+def test_a_failing_request_fails_alone_and_the_engine_goes_on(tiny, monkeypatch):
+    ps = prompts([5, 17, 9], seed=19)
+    ref = reference(tiny, ps, 8)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    failing_runner(monkeypatch, eng, "1")
+    outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=8)))
+    bad = outs["1"][-1]
+    assert bad.finished and bad.finish_reason == "abort" and "injected fault for 1" in bad.error
+    assert bad.request_id == "1" and eng.error is None
+    assert tokens_of(outs)["0"] == ref[0] and tokens_of(outs)["2"] == ref[2]
+    assert all(o.error is None for k in ("0", "2") for o in outs[k])
+    st = eng.stats()
+    assert st.blocks_used == 0 and st.running == 0 and st.failed == 1 and st.finished["abort"] == 1
+    again, _ = run(eng, ps[:1], RequestParams(SamplingParams(max_new_tokens=8)))  # still serving
+    assert tokens_of(again)["0"] == ref[0]
+
+
+def test_a_parameter_that_cannot_become_a_tensor_fails_only_its_request(tiny):
+    """top_k = 2**64 passes no validation here (SamplingParams rejects it; set behind its back to
+    stand for any value that slips through) and makes `torch.tensor` raise in the sampler."""
+    ps = prompts([6, 11, 8], seed=21)
+    ref = reference(tiny, ps, 6)
+    poisoned = SamplingParams(max_new_tokens=6, temperature=0.8)
+    object.__setattr__(poisoned, "top_k", 2**64)
+    with pytest.raises(ParameterError, match="top_k"):
+        SamplingParams(top_k=2**64)
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    greedy = RequestParams(SamplingParams(max_new_tokens=6))
+    outs, _ = run(eng, ps, [greedy, RequestParams(poisoned), greedy])
+    assert outs["1"][-1].error and "Overflow" in outs["1"][-1].error and outs["1"][-1].token_ids == []
+    assert tokens_of(outs)["0"] == ref[0] and tokens_of(outs)["2"] == ref[2]
+    assert eng.stats().blocks_used == 0 and eng.error is None
+
+
+def test_a_cuda_error_stops_the_engine_and_fails_everyone(tiny, monkeypatch):
+    import threading
+
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=128))
+    outs, done = {}, threading.Event()
+
+    def cb(o):
+        outs[o.request_id] = o
+        if len(outs) == 2:
+            done.set()
+
+    def execute(scheduled):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(eng.runner, "execute", execute)
+    for i, p in enumerate(prompts([5, 9], seed=23)):
+        eng.add_request(str(i), p, RequestParams(SamplingParams(max_new_tokens=4)), cb)
+    eng.start()
+    try:
+        assert done.wait(60), outs
+    finally:
+        eng.shutdown()
+    assert eng.error is not None and all(o.finish_reason == "abort" and "illegal memory" in o.error
+                                         for o in outs.values())
+    assert eng.stats().blocks_used == 0
+    with pytest.raises(FmstackError, match="stopped after an error"):
+        eng.add_request("x", [1], RequestParams(), cb)
+
+
+def test_stop_tokens_end_a_request_with_stop_and_are_kept_in_its_tokens(tiny):
+    ps = prompts([7, 9], seed=25)
+    ref = reference(tiny, ps, 10)
+    stop = ref[0][3]
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_model_len=16))
+    outs, _ = run(eng, ps, [RequestParams(SamplingParams(max_new_tokens=9), stop_token_ids=(stop,)),
+                            RequestParams(SamplingParams(max_new_tokens=7, ignore_eos=True), stop_token_ids=(-1,))])
+    assert tokens_of(outs)["0"] == ref[0][:ref[0].index(stop) + 1] and outs["0"][-1].finish_reason == "stop"
+    assert tokens_of(outs)["1"] == ref[1][:7] and outs["1"][-1].finish_reason == "length"
+    assert eng.stats().finished == {"stop": 1, "length": 1, "abort": 0}
