@@ -18,7 +18,7 @@ from fmstack.serve.protocol import APIError
 # (path, handler, method, openapi_extra, responses)
 ROUTES = [
     ("/health", routes.health, "GET", None, schema.answers({"type": "object"})),
-    ("/metrics", routes.metrics, "GET", None, None),
+    ("/metrics", routes.metrics, "GET", None, schema.answers({"type": "string"}, media="text/plain")),
     ("/v1/models", routes.list_models, "GET", None, schema.answers({"type": "object"})),
     ("/v1/models/{name:path}", routes.get_model, "GET", None, schema.answers({"type": "object"}, 404)),
     ("/tokenizer_info", routes.tokenizer_info, "GET", None, schema.answers({"type": "object"}, 400)),

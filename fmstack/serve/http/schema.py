@@ -97,10 +97,10 @@ def body(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def answers(ok: dict | None, *errors: int, stream: bool = False) -> dict:
-    """`responses` for a route: 200 with `ok` (plus text/event-stream when it can stream) and the error
-    statuses it can give, each with OpenAI's error body. 401 (API key) applies to every route."""
-    content = {"application/json": {"schema": ok or {}}}
+def answers(ok: dict | None, *errors: int, stream: bool = False, media: str = "application/json") -> dict:
+    """`responses` for a route: 200 with `ok` as `media` (plus text/event-stream when it can stream) and
+    the error statuses it can give, each with OpenAI's error body. 401 (API key) applies to every route."""
+    content = {media: {"schema": ok or {}}}
     if stream:
         content["text/event-stream"] = {"schema": {"type": "string"}}
     out: dict = {200: {"description": "OK", "content": content}}
