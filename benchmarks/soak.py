@@ -12,7 +12,8 @@ errors, a stream without [DONE]).
 
 Blocking probe (`--blocking`): one thread sends `--big-requests` bodies of ~1 MB (a text prompt if
 the model has a tokenizer, token ids otherwise; each is refused as over-long, after being parsed and
-tokenized) while another polls /health every 10 ms; reports /health latency p50 / p99 / max with and
+tokenized; or to /tokenize with `--big-route`, which tokenizes all of it) while another polls
+/health every 10 ms; reports /health latency p50 / p99 / max with and
 without the big requests. `--repo DIR` serves the fmstack of another checkout (before/after
 comparisons).
 
@@ -70,7 +71,8 @@ def launch(args, log_path: Path) -> tuple[subprocess.Popen, str]:
            args.model, "--served-model-name", "soak", "--max-model-len", str(args.max_model_len),
            "--max-num-seqs", str(args.clients), "--threads", "1", "--kv-cache-mb", "16"]
     env = dict(os.environ, PYTHONPATH=str(Path(args.repo).resolve()), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    # cwd too: `python -m` puts the working directory before PYTHONPATH on sys.path
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=args.repo)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -200,17 +202,18 @@ def probe_health(url: str, stop: threading.Event, out: list[float]) -> None:
             time.sleep(0.01)
 
 
-def big_body(url: str) -> bytes:
+def big_body(url: str, route: str) -> bytes:
     """~1 MB (under the default 1 MiB limit): text if the server tokenizes, else token ids."""
     has_tok = httpx.get(url + "/tokenizer_info", timeout=10).status_code == 200
+    extra = {} if route == "/tokenize" else {"max_tokens": 1}
     if has_tok:
-        return json.dumps({"prompt": "lorem ipsum dolor " * 55_000, "max_tokens": 1}).encode()
-    return json.dumps({"prompt": [7] * 330_000, "max_tokens": 1}).encode()
+        return json.dumps({"prompt": "lorem ipsum dolor " * 55_000, **extra}).encode()
+    return json.dumps({"prompt": [7] * 330_000, **extra}).encode()
 
 
 def blocking(args, url: str) -> dict:
     """/health latency alone, then while big requests arrive one after another."""
-    body, res = big_body(url), {}
+    body, res = big_body(url, args.big_route), {"big_route": args.big_route}
     for phase in ("idle", "big_requests"):
         lat: list[float] = []
         stop = threading.Event()
@@ -222,7 +225,7 @@ def blocking(args, url: str) -> dict:
         else:
             with httpx.Client(base_url=url, timeout=120) as c:
                 for _ in range(args.big_requests):
-                    statuses.append(c.post("/v1/completions", content=body,
+                    statuses.append(c.post(args.big_route, content=body,
                                            headers={"content-type": "application/json"}).status_code)
         stop.set()
         t.join()
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--blocking", action="store_true", help="the /health-under-1MB-requests probe instead")
     p.add_argument("--big-requests", type=int, default=20)
+    p.add_argument("--big-route", default="/v1/completions", choices=["/v1/completions", "/tokenize"],
+                   help="where the big bodies go (/tokenize has no length limit: the whole text is tokenized)")
     p.add_argument("--repo", default=str(ROOT), help="checkout whose fmstack the server runs (default: this one)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

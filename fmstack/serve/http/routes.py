@@ -32,6 +32,7 @@ from fmstack.serve.protocol import (APIError, ChatRequest, CompletionRequest, ba
 log = logging.getLogger("fmstack.serve.api")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+TEXT_SLACK = 2  # a text is surely too long past 2 x (longest token's bytes) x max_model_len bytes
 SHUTDOWN_MESSAGE = "the server shut down before this request finished"
 
 
@@ -58,6 +59,18 @@ def _check_model(state: ServerState, name: str | None) -> None:
 def _need_tokenizer(state: ServerState, what: str) -> None:
     if state.tokenizer is None:
         raise bad(what, "this model has no tokenizer: send token ids (prompt as a list of integers)")
+
+
+def _check_fits(state: ServerState, text: str, param: str) -> None:
+    """Refuse a text that cannot fit the context whatever its tokenization (every token covers at most
+    `max_token_bytes` bytes; x TEXT_SLACK for normalizers), before spending seconds tokenizing it."""
+    limit = state.engine.max_model_len
+    n_bytes = len(text.encode("utf-8"))
+    least = n_bytes // (TEXT_SLACK * state.max_token_bytes())
+    if least > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
+                            f"({n_bytes} bytes) has more than {least} tokens. Please reduce the prompt.",
+                       param=param, code="context_length_exceeded")
 
 
 def _account(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
@@ -106,7 +119,8 @@ async def tokenizer_info(request: Request):
             "model_max_length": state.engine.max_model_len, "vocab_size": tok.vocab_size}
 
 
-def _prepare_tokenize(state: ServerState, raw: bytes) -> dict:
+def _prepare_tokenize(state: ServerState, raw: bytes) -> Response:
+    """The /tokenize answer, rendered here on the worker pool (a 1 MB text is ~300k ids of JSON)."""
     tok = state.tokenizer
     body = parse_json_body(raw)
     add = body.get("add_special_tokens", True)
@@ -122,13 +136,13 @@ def _prepare_tokenize(state: ServerState, raw: bytes) -> dict:
     else:
         raise bad("prompt", "is required: a string (or send messages)")
     ids = tok.encode(text, add_bos=tok.add_bos and add)
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len})
 
 
 async def tokenize(request: Request):
     state = _state(request)
     _need_tokenizer(state, "prompt")
-    return JSONResponse(await state.run_blocking(_prepare_tokenize, state, await _read_body(request, state)))
+    return await state.run_blocking(_prepare_tokenize, state, await _read_body(request, state))
 
 
 def _detokenize(state: ServerState, raw: bytes) -> dict:
@@ -203,6 +217,9 @@ def _prepare_completion(state: ServerState, raw: bytes) -> tuple[CompletionReque
     if any(isinstance(p, str) for p in req.prompts):
         _need_tokenizer(state, "prompt")
     _check_model(state, req.common.model)
+    for p in req.prompts:
+        if isinstance(p, str):
+            _check_fits(state, p, "prompt")
     prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts]
     if any(not p for p in prompt_ids):
         raise bad("prompt", "tokenizes to no tokens")
@@ -269,7 +286,9 @@ def _prepare_chat(state: ServerState, raw: bytes) -> tuple[ChatRequest, list[int
     _need_tokenizer(state, "messages")
     req = parse_chat(body, state.engine.vocab_size)
     _check_model(state, req.common.model)
-    return req, state.tokenizer.encode(_render(state, req.messages))
+    text = _render(state, req.messages)
+    _check_fits(state, text, "messages")
+    return req, state.tokenizer.encode(text)
 
 
 async def chat(request: Request):

@@ -32,6 +32,14 @@ class ServerState:
     draining: bool = False  # shutting down: new requests get 503, running ones may finish
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
     _stop: asyncio.Event | None = field(default=None, repr=False)
+    _max_token_bytes: int | None = field(default=None, repr=False)
+
+    def max_token_bytes(self) -> int:
+        """Bytes of the vocabulary's longest token (computed once: ~0.4 s for SmolLM2's 49k tokens)."""
+        if self._max_token_bytes is None:
+            tok = self.tokenizer
+            self._max_token_bytes = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+        return self._max_token_bytes
 
     @property
     def executor(self) -> ThreadPoolExecutor:
