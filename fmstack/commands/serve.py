@@ -10,6 +10,7 @@ import os
 
 from fmstack.commands.common import add_model_args, load_from_args, want_compile
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.serve.server import auto_kv_cache_bytes, serve_app
 
 log = logging.getLogger("fmstack.serve.server")
 
@@ -53,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
         raise FmstackError("fmstack serve needs fastapi and uvicorn: pip install -e '.[serve]'") from None
     from fmstack.serve.api import ServerState, build_app
     from fmstack.serve.engine import Engine, EngineConfig
-    from fmstack.serve.server import serve_app
 
     if args.parallel not in (None, "none"):
         raise ParameterError("--parallel is not supported by fmstack serve (one process serves one model)")
@@ -102,20 +102,7 @@ def is_loopback(host: str) -> bool:
 
 
 def kv_cache_bytes(args: argparse.Namespace, model, max_len: int) -> int:
-    """--kv-cache-mb, or sized from the model and the available memory (logged)."""
-    import torch
-
-    from fmstack.serve.paged_cache import PagedKVCache
-    from fmstack.serve.server import auto_kv_cache_bytes, available_memory_bytes
-
+    """--kv-cache-mb, or sized from the model and the available memory."""
     if args.kv_cache_mb is not None:
         return args.kv_cache_mb << 20
-    p = next(model.parameters())
-    dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-    per_block = PagedKVCache.bytes_per_block(model.config, args.block_size, dtype)
-    available = available_memory_bytes(p.device)
-    size = auto_kv_cache_bytes(per_block, args.block_size, args.max_num_seqs, max_len, available)
-    log.info("KV cache: %.1f MiB (%d sequences x %d tokens; %s MiB available, at most a quarter used); "
-             "set --kv-cache-mb to override", size / 2**20, args.max_num_seqs, max_len,
-             "?" if available is None else f"{available / 2**20:.0f}")
-    return size
+    return auto_kv_cache_bytes(model, args.block_size, args.max_num_seqs, max_len)

@@ -14,7 +14,10 @@ import asyncio
 import logging
 import signal
 
+import torch
+
 from fmstack.errors import FmstackError
+from fmstack.serve.paged_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +27,6 @@ EXTRA_GRACE_S = 5.0  # uvicorn's own wait beyond ours: streams ended at the grac
 
 def available_memory_bytes(device) -> int | None:
     """Free memory where the KV cache will live: the GPU's free memory, else MemAvailable of /proc/meminfo."""
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -38,7 +39,7 @@ def available_memory_bytes(device) -> int | None:
     return None
 
 
-def auto_kv_cache_bytes(bytes_per_block: int, block_size: int, max_num_seqs: int, max_model_len: int,
+def kv_cache_budget(bytes_per_block: int, block_size: int, max_num_seqs: int, max_model_len: int,
                         available: int | None, fraction: float = KV_MEMORY_FRACTION) -> int:
     """Enough blocks for `max_num_seqs` full-length sequences, capped at `fraction` of the available
     memory (but never below one full-length sequence, which the engine needs)."""
@@ -48,6 +49,19 @@ def auto_kv_cache_bytes(bytes_per_block: int, block_size: int, max_num_seqs: int
     if available is not None:
         want = min(want, int(available * fraction))
     return max(want, floor)
+
+
+def auto_kv_cache_bytes(model, block_size: int, max_num_seqs: int, max_model_len: int) -> int:
+    """The KV cache size for `model` when the user gave none (kv_cache_budget of the available memory), logged."""
+    p = next(model.parameters())
+    dtype = p.dtype if p.dtype.is_floating_point else torch.float32  # as the engine allocates it
+    per_block = PagedKVCache.bytes_per_block(model.config, block_size, dtype)
+    available = available_memory_bytes(p.device)
+    size = kv_cache_budget(per_block, block_size, max_num_seqs, max_model_len, available)
+    log.info("KV cache: %.1f MiB (%d sequences x %d tokens; %s MiB available, at most %d%% used); "
+             "set --kv-cache-mb to override", size / 2**20, max_num_seqs, max_model_len,
+             "?" if available is None else f"{available / 2**20:.0f}", round(100 * KV_MEMORY_FRACTION))
+    return size
 
 
 def serve_app(app, engine, host: str, port: int, state=None, shutdown_grace: float = 30.0) -> int:

@@ -157,12 +157,12 @@ def test_loopback_hosts(host, loopback):
 
 
 def test_kv_cache_sized_from_the_model_and_memory():
-    from fmstack.serve.server import auto_kv_cache_bytes
+    from fmstack.serve.server import kv_cache_budget
 
     per_block = 4096
     # enough for 32 sequences of 512 tokens (32 blocks of 16 each) when memory allows
-    assert auto_kv_cache_bytes(per_block, 16, 32, 512, available=1 << 40) == 32 * 32 * per_block
+    assert kv_cache_budget(per_block, 16, 32, 512, available=1 << 40) == 32 * 32 * per_block
     # capped at a quarter of the available memory...
-    assert auto_kv_cache_bytes(per_block, 16, 32, 512, available=400 * per_block) == 100 * per_block
+    assert kv_cache_budget(per_block, 16, 32, 512, available=400 * per_block) == 100 * per_block
     # ...but never below one full-length sequence
-    assert auto_kv_cache_bytes(per_block, 16, 32, 512, available=4 * per_block) == 32 * per_block
+    assert kv_cache_budget(per_block, 16, 32, 512, available=4 * per_block) == 32 * per_block

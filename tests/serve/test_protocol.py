@@ -34,13 +34,20 @@ def check_error(e: APIError) -> None:
     json.dumps(e.body(), ensure_ascii=False).encode("utf-8")  # encodable as UTF-8 too
 
 
+def parsed_or_400(parse, *args):
+    """parse(*args), or None after checking that the APIError it raised is a proper 400."""
+    try:
+        return parse(*args)
+    except APIError as e:
+        check_error(e)
+        return None
+
+
 @settings(max_examples=400, deadline=None)
 @given(bodies)
 def test_completion_parsing_accepts_in_range_values_or_gives_400(body):
-    try:
-        req = parse_completion(body, VOCAB)
-    except APIError as e:
-        check_error(e)
+    req = parsed_or_400(parse_completion, body, VOCAB)
+    if req is None:
         return
     s, c = req.common.sampling, req.common
     assert c.max_tokens is None or 0 <= c.max_tokens <= MAX_INT
@@ -59,10 +66,8 @@ def test_completion_parsing_accepts_in_range_values_or_gives_400(body):
                                                  "content": json_values}), max_size=3))},
     optional={f: st.one_of(numbers, json_values) for f in FIELDS[:9] + ["top_logprobs", "max_completion_tokens"]}))
 def test_chat_parsing_gives_messages_or_400(body):
-    try:
-        req = parse_chat(body, VOCAB)
-    except APIError as e:
-        check_error(e)
+    req = parsed_or_400(parse_chat, body, VOCAB)
+    if req is None:
         return
     assert req.messages and all(isinstance(m["content"], str) for m in req.messages)
     assert 0 <= req.top_logprobs <= 20
@@ -72,10 +77,8 @@ def test_chat_parsing_gives_messages_or_400(body):
 @given(st.one_of(st.binary(max_size=64), json_values.map(lambda v: json.dumps(v).encode()),
                  st.text(max_size=20).map(lambda t: json.dumps({"prompt": t}).encode())))
 def test_json_body_parsing_never_raises_anything_but_400(raw):
-    try:
-        body = parse_json_body(raw)
-    except APIError as e:
-        check_error(e)
+    body = parsed_or_400(parse_json_body, raw)
+    if body is None:
         return
     assert isinstance(body, dict)
     json.dumps(body, ensure_ascii=False).encode("utf-8")  # every string in it is text
