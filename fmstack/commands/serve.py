@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 
 from fmstack.commands.common import add_model_args, load_from_args, want_compile
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.serve.server import auto_kv_cache_bytes, serve_app
 
 log = logging.getLogger("fmstack.serve.server")
 
@@ -20,7 +22,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FMSTACK_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $FMSTACK_API_KEY, "
+                        "else none)")
+    p.add_argument("--metrics-no-auth", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 30)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default 32)")
@@ -29,7 +35,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=256,
                    help="tokens per engine step; longer prompts are prefilled in chunks (default 256)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache size in MiB (default 1024)")
+    g.add_argument("--kv-cache-mb", type=int, default=None,
+                   help="KV cache size in MiB (default: enough for max-num-seqs full-length sequences, at most a "
+                        "quarter of the available memory)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     g.add_argument("--threads", type=int, default=None,
@@ -46,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
         raise FmstackError("fmstack serve needs fastapi and uvicorn: pip install -e '.[serve]'") from None
     from fmstack.serve.api import ServerState, build_app
     from fmstack.serve.engine import Engine, EngineConfig
-    from fmstack.serve.server import serve_app
 
     if args.parallel not in (None, "none"):
         raise ParameterError("--parallel is not supported by fmstack serve (one process serves one model)")
@@ -58,25 +65,44 @@ def run(args: argparse.Namespace) -> int:
         if args.host != "localhost":
             raise ParameterError(f"--host {args.host!r} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)") from None
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_mb", "max_queue", "max_body_kb"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ParameterError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise ParameterError(f"--threads {args.threads} is invalid: must be >= 1")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ParameterError(f"--max-model-len {args.max_model_len} is invalid: must be >= 2")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise ParameterError(f"--shutdown-grace {args.shutdown_grace} is invalid: must be a number of seconds >= 0")
     api_key = args.api_key if args.api_key is not None else os.environ.get("FMSTACK_API_KEY") or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if not is_loopback(args.host) and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     args.host)
 
     loaded = load_from_args(args)
     max_len = args.max_model_len or min(loaded.config.max_seq_len, 4096)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
-        block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len, max_queue=args.max_queue,
-        prefix_caching=not args.no_prefix_caching, compile=want_compile(args), sdpa_backend=args.sdpa_backend,
-        threads=args.threads))
+        block_size=args.block_size, kv_cache_bytes=kv_cache_bytes(args, loaded.model, max_len),
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+        max_queue=args.max_queue, prefix_caching=not args.no_prefix_caching, compile=want_compile(args),
+        sdpa_backend=args.sdpa_backend, threads=args.threads))
     state = ServerState(engine, loaded.tokenizer, args.served_model_name or args.model, api_key,
-                        args.max_body_kb << 10)
+                        args.max_body_kb << 10, metrics_no_auth=args.metrics_no_auth)
     app = build_app(state)
-    return serve_app(app, engine, args.host, args.port)
+    return serve_app(app, engine, args.host, args.port, state, args.shutdown_grace)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and every loopback address (all of 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def kv_cache_bytes(args: argparse.Namespace, model, max_len: int) -> int:
+    """--kv-cache-mb, or sized from the model and the available memory."""
+    if args.kv_cache_mb is not None:
+        return args.kv_cache_mb << 20
+    return auto_kv_cache_bytes(model, args.block_size, args.max_num_seqs, max_len)

@@ -2,7 +2,13 @@
 
 Every request field is checked by hand so that each mistake gets a 400 naming the field and what
 is allowed, in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`; unknown
-fields are rejected, as OpenAI does.
+fields are rejected, as OpenAI does. Bounds are enforced here, where the body is parsed, so nothing
+out of range reaches tokenization, sampling or the engine: integers are at most 64-bit (a JSON
+integer of thousands of digits is refused by `json.loads` itself and answered 400), numbers are
+finite, `top_k` is at most the vocabulary, `top_p` at least MIN_TOP_P (smaller values round to 0 in
+float32, where no token survives), and every string must be encodable as UTF-8 (a lone surrogate
+such as "\\ud800" is valid JSON but no text; it is refused with the field's path). Messages quote
+client values with `ascii()`, so an error body never carries text that cannot be encoded.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from fmstack.serve.engine import MAX_LOGPROBS
 
 MAX_STOP = 16
 MAX_PROMPTS = 64
+MAX_INT = 2**63 - 1  # integer fields (max_tokens, ...) are signed 64-bit
+MIN_TOP_P = 1e-6  # float32(top_p) stays > 0 (values below ~1e-45 round to 0 and drop every token)
+SEED_RANGE = (-2**63, 2**64)  # a seed is any signed or unsigned 64-bit integer; folded to [0, 2**63)
 
 
 class APIError(Exception):
@@ -39,17 +48,47 @@ def bad(param: str, message: str) -> APIError:
 
 
 def parse_json_body(raw: bytes) -> dict:
+    """The JSON object of a request body, every string in it (keys included) encodable as UTF-8."""
     if not raw.strip():
         raise APIError(400, "the request body is empty: send a JSON object")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:
         raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers past the int-digit limit
+        raise APIError(400, f"the request body is not valid JSON ({ascii(str(e))[1:-1][:200]})") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    check_text(body)
     return body
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """400 naming the first string (value or key) in `value` that is not valid Unicode text (a lone
+    surrogate). Iterative, so any depth json.loads accepted is fine."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and not _encodable(v):
+                raise bad(where[:100] or "body", "contains a lone surrogate (e.g. \\ud800), which is not text: "
+                                           "send valid UTF-8 strings")
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                name = f"{where}.{k}" if where else k
+                if not k.isascii() and not _encodable(k):
+                    raise bad(ascii(name)[1:101], "a key contains a lone surrogate, which is not text")
+                stack.append((name, item))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(v))
 
 
 # -- field checks ------------------------------------------------------------------------------------
@@ -58,25 +97,34 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite JSON number that fits a float (a huge integer would overflow float() and isfinite)."""
+    if _is_int(v):
+        return -MAX_INT - 1 <= v <= MAX_INT
+    return isinstance(v, float) and math.isfinite(v)
 
 
-def int_in(name: str, v: Any, lo: int, hi: int | None = None) -> int:
-    if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise bad(name, f"{v!r} is invalid: must be {allowed}")
+def show(v: Any) -> str:
+    """A client value for an error message: ASCII only, at most 60 characters."""
+    text = ascii(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def int_in(name: str, v: Any, lo: int, hi: int = MAX_INT) -> int:
+    if not _is_int(v) or v < lo or v > hi:
+        allowed = f"an integer >= {lo}" if hi == MAX_INT else f"an integer in [{lo}, {hi}]"
+        raise bad(name, f"{show(v)} is invalid: must be {allowed}")
     return v
 
 
 def num_in(name: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
     if not _is_num(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise bad(name, f"{v!r} is invalid: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+        raise bad(name, f"{show(v)} is invalid: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
     return float(v)
 
 
 def boolean(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise bad(name, f"{v!r} is invalid: must be true or false")
+        raise bad(name, f"{show(v)} is invalid: must be true or false")
     return v
 
 
@@ -94,7 +142,7 @@ def token_list(name: str, v: Any, vocab: int) -> list[int]:
         raise bad(name, "is empty: a prompt needs at least one token")
     for t in v:
         if not _is_int(t) or not 0 <= t < vocab:
-            raise bad(name, f"token id {t!r} is invalid: token ids are integers in [0, {vocab})")
+            raise bad(name, f"token id {show(t)} is invalid: token ids are integers in [0, {vocab})")
     return list(v)
 
 
@@ -115,12 +163,12 @@ class Common:
 
 def _zero_only(name: str, v: Any) -> None:
     if v is not None and not (_is_num(v) and v == 0):
-        raise bad(name, f"{v!r} is not supported: this server only accepts 0 (or null)")
+        raise bad(name, f"{show(v)} is not supported: this server only accepts 0 (or null)")
 
 
 def _one_only(name: str, v: Any) -> None:
     if v is not None and v != 1 or isinstance(v, bool):
-        raise bad(name, f"{v!r} is not supported: this server returns one choice per prompt (use 1)")
+        raise bad(name, f"{show(v)} is not supported: this server returns one choice per prompt (use 1)")
 
 
 def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
@@ -129,10 +177,10 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
              "stop_token_ids", "min_tokens"} | allowed_extra
     for key in body:
         if key not in known:
-            raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key)
+            raise APIError(400, f"Unrecognized request argument supplied: {ascii(key)[1:-1]}", param=key)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise bad("model", f"{model!r} is invalid: must be a string")
+        raise bad("model", f"{show(model)} is invalid: must be a string")
     mt = body.get("max_tokens")
     if mt is not None:
         int_in("max_tokens", mt, 0)
@@ -140,17 +188,18 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
     if body.get("temperature") is not None:
         s["temperature"] = num_in("temperature", body["temperature"], 0.0, 2.0)
     if body.get("top_p") is not None:
-        s["top_p"] = num_in("top_p", body["top_p"], 0.0, 1.0, lo_open=True)
+        s["top_p"] = num_in("top_p", body["top_p"], MIN_TOP_P, 1.0)
     if body.get("top_k") is not None:
         k = body["top_k"]
-        if not _is_int(k) or k < -1:
-            raise bad("top_k", f"{k!r} is invalid: must be an integer >= -1 (-1 or 0 disable top-k)")
+        if not _is_int(k) or not -1 <= k <= vocab:
+            raise bad("top_k", f"{show(k)} is invalid: must be an integer in [-1, {vocab}] (the vocabulary size; "
+                               "-1 or 0 disable top-k)")
         s["top_k"] = max(k, 0)
     s["stop"] = stop_list("stop", body.get("stop"))
     if body.get("seed") is not None:
         seed = body["seed"]
-        if not _is_int(seed) or not -2**63 <= seed < 2**64:
-            raise bad("seed", f"{seed!r} is invalid: must be a 64-bit integer")
+        if not _is_int(seed) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise bad("seed", f"{show(seed)} is invalid: must be a 64-bit integer in [-2**63, 2**64)")
         s["seed"] = seed % 2**63
     if body.get("ignore_eos") is not None:
         s["ignore_eos"] = boolean("ignore_eos", body["ignore_eos"])
@@ -168,9 +217,9 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
         _zero_only(name, body.get(name))
     rp = body.get("repetition_penalty")
     if rp is not None and not (_is_num(rp) and rp == 1):
-        raise bad("repetition_penalty", f"{rp!r} is not supported: only 1 (or null)")
+        raise bad("repetition_penalty", f"{show(rp)} is not supported: only 1 (or null)")
     if body.get("min_tokens") not in (None, 0):
-        raise bad("min_tokens", f"{body['min_tokens']!r} is not supported: only 0 (or null)")
+        raise bad("min_tokens", f"{show(body['min_tokens'])} is not supported: only 0 (or null)")
     lb = body.get("logit_bias")
     if lb not in (None, {}):
         raise bad("logit_bias", "is not supported")
@@ -243,7 +292,7 @@ def _message(i: int, m: Any) -> dict:
         raise bad(where, f"unknown key(s) {sorted(extra)}: allowed are role, content, name")
     role = m.get("role")
     if role not in ROLES:
-        raise bad(f"{where}.role", f"{role!r} is invalid: must be one of {', '.join(ROLES)}")
+        raise bad(f"{where}.role", f"{show(role)} is invalid: must be one of {', '.join(ROLES)}")
     content = m.get("content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []

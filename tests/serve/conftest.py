@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None):
+        self.api_key = api_key  # sent to /metrics by metrics()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -59,7 +60,8 @@ class ServerProcess:
     def metrics(self) -> dict[str, float]:
         """/metrics samples without labels' values: name -> value (first sample of each name)."""
         out: dict[str, float] = {}
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        for line in httpx.get(self.url + "/metrics", timeout=10, headers=headers).text.splitlines():
             if line and not line.startswith("#"):
                 name_labels, value = line.rsplit(" ", 1)
                 out.setdefault(name_labels.split("{")[0], float(value))

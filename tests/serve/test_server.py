@@ -205,6 +205,26 @@ HOSTILE = [
     ("deeply nested json", b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400, "nested too deeply"),
     ("too many prompts", {"model": "tiny", "prompt": [[1]] * 65}, 400, "at most 64"),
     ("echo not bool", {"model": "tiny", "prompt": "hi", "echo": 1}, 400, "echo"),
+    # bounds where parsed: every numeric field, named in the message
+    ("top_k past 64 bits", {"prompt": "hi", "max_tokens": 4, "temperature": 1, "top_k": 18446744073709551616},
+     400, "top_k"),
+    ("top_k over vocab", {"prompt": "hi", "top_k": 49153}, 400, "top_k"),
+    ("top_p below float32", {"prompt": "hi", "temperature": 1, "top_p": 1e-50}, 400, "top_p"),
+    ("temperature huge int", {"prompt": "hi", "temperature": 10**400}, 400, "temperature"),
+    ("temperature overflows float", b'{"prompt": "hi", "temperature": 1e999}', 400, "temperature"),
+    ("seed past 64 bits", {"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ("seed below 64 bits", {"prompt": "hi", "seed": -2**63 - 1}, 400, "seed"),
+    ("max_tokens past 64 bits", {"prompt": "hi", "max_tokens": 2**63}, 400, "max_tokens"),
+    ("5000-digit integer", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("logprobs huge", {"prompt": "hi", "logprobs": 10**30}, 400, "logprobs"),
+    ("n huge", {"prompt": "hi", "n": 10**30}, 400, "n"),
+    ("penalty huge int", {"prompt": "hi", "presence_penalty": 10**400}, 400, "presence_penalty"),
+    # lone surrogates: valid JSON, not text
+    ("surrogate prompt", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("surrogate prompt list", b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt[1]"),
+    ("surrogate stop", b'{"prompt": "hi", "stop": ["\\ud800"]}', 400, "stop[0]"),
+    ("surrogate model", b'{"prompt": "hi", "model": "\\ud800"}', 400, "model"),
+    ("surrogate key", b'{"prompt": "hi", "\\ud800": 1}', 400, "lone surrogate"),
 ]
 
 CHAT_HOSTILE = [
@@ -216,6 +236,12 @@ CHAT_HOSTILE = [
      "text parts"),
     ("top_logprobs without logprobs", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                         "top_logprobs": 2}, 400, "top_logprobs"),
+    ("surrogate content", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content"),
+    ("surrogate text part", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     400, "messages[0].content[0].text"),
+    ("top_logprobs huge", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                           "top_logprobs": 2**70}, 400, "top_logprobs"),
 ]
 
 
@@ -227,7 +253,8 @@ def test_hostile_requests_get_clear_errors_and_server_keeps_serving(server, rout
             else {"json": body}
         r = httpx.post(server.url + route, timeout=30, **kw)
         err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
-        if r.status_code != status or needle not in (err.get("message") or "") or not err.get("type"):
+        if (r.status_code != status or needle not in (err.get("message") or "") or not err.get("type")
+                or set(err) != {"message", "type", "param", "code"} or not r.content.isascii()):
             failures.append((desc, r.status_code, r.text[:300]))
     assert not failures, failures
     assert server.alive()

@@ -16,7 +16,7 @@ def small_server(tiny_ckpt, tmp_path_factory):
 
     s = ServerProcess(["--model", str(tiny_ckpt), "--served-model-name", "tiny", "--api-key", "s3cret",
                        "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512", "--kv-cache-mb", "8"],
-                      tmp_path_factory.mktemp("log") / "server.log")
+                      tmp_path_factory.mktemp("log") / "server.log", api_key="s3cret")
     yield s
     s.stop()
 
@@ -31,8 +31,13 @@ def test_api_key_required(small_server):
     with pytest.raises(openai.AuthenticationError):
         small_server.client(api_key="wrong").completions.create(model="tiny", prompt="hi", max_tokens=1)
     assert small_server.client(api_key="s3cret").completions.create(model="tiny", prompt="hi", max_tokens=1)
-    assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
-    assert httpx.get(url + "/metrics").status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # health stays open; the rest needs the key
+    for path in ("/metrics", "/tokenizer_info", "/v1/models"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert httpx.get(url + path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+    r = httpx.post(url + "/tokenize", json={"prompt": "hi"})
+    assert r.status_code == 401
 
 
 def test_queue_full_is_429(small_server):
