@@ -80,7 +80,7 @@ def test_compile_counts_see_compiles_and_recompiles():
     recompiles (dynamo's eager backend: no code generation, milliseconds)."""
     import torch
 
-    from fmstack.bench import compile_counts, compile_counts_since
+    from fmstack.bench.measure import compile_counts, compile_counts_since
 
     f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
     start = compile_counts()
