@@ -1,10 +1,28 @@
-"""The benchmark's plot: decode tok/s against batch size, one line per system (matplotlib, optional)."""
+"""The benchmark's outputs: the JSON file, and the plot of decode tok/s against batch size, one line
+per system (matplotlib, optional)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Callable
 
 from fmstack.errors import FmstackError
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(report: dict, out: str | None, png: str | None, plot_fn: Callable[[dict, str], None]) -> None:
+    """Write `report` as JSON to `out` and `plot_fn(report, png)` to `png` (each when given): the
+    outputs of `fmstack bench --out/--plot` and of the benchmark scripts."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        log.info("wrote %s", out)
+    if png:
+        plot_fn(report, png)
+        log.info("wrote %s", png)
 
 
 def require_matplotlib() -> None:

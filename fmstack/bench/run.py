@@ -10,17 +10,15 @@ per row (`compiles`), and the timed runs must compile nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from fmstack.bench.measure import Memory, System, compile_counts, compile_counts_since, prompt_tokens
 from fmstack.bench.peers import hf_eager_system, hf_static_compile_system, llamacpp_system, load_hf
-from fmstack.bench.plot import plot, require_matplotlib
+from fmstack.bench.plot import plot, require_matplotlib, write_outputs
 from fmstack.bench.report import Plan, build_report
 from fmstack.bench.systems import fmstack_system, speculative_system
 from fmstack.errors import ParameterError
@@ -173,11 +171,5 @@ def run(args: argparse.Namespace) -> dict | None:
         report["meta"].update(parallel=plan.parallel, world_size=dist.get_world_size())
         if dist.get_rank() != 0:
             return None
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        log.info("wrote %s", args.out)
-    if args.plot:
-        plot(report, args.plot)
-        log.info("wrote %s", args.plot)
+    write_outputs(report, args.out, args.plot, plot)
     return report
