@@ -33,22 +33,54 @@ def py(code: str, *argv) -> list[str]:
     return [sys.executable, "-c", code, *map(str, argv)]
 
 
+SLEEPER = ("import subprocess, sys, time\n"
+           "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+           "open(sys.argv[1], 'w').write(str(p.pid))\n"
+           "time.sleep(120)\n")
+
+
+def wait_for(pred, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pred()
+
+
 def test_timeout_kills_the_stage_and_its_children(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time\n"
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-            "open(sys.argv[1], 'w').write(str(p.pid))\n"
-            "time.sleep(120)\n")
     runner = StageRunner(tmp_path, budget_s=60, cwd=tmp_path, say=lambda m: None)
     t0 = time.monotonic()
-    rec = runner.run(Stage("sleepy", py(code, pid_file), budget_s=3, result=tmp_path / "never.json"))
+    rec = runner.run(Stage("sleepy", py(SLEEPER, pid_file), budget_s=3, result=tmp_path / "never.json"))
     assert rec["status"] == "timeout" and time.monotonic() - t0 < 30
     assert "killed after 3s" in rec["error"]
-    deadline = time.monotonic() + 10
-    while alive(int(pid_file.read_text())) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(int(pid_file.read_text())), "the stage's child outlived its timeout"
+    assert wait_for(lambda: not alive(int(pid_file.read_text())), 10), "the stage's child outlived its timeout"
     assert runner.current is None
+
+
+def test_sigterm_to_the_suite_kills_the_running_stage_and_its_children(tmp_path):
+    """The suite process gets SIGTERM mid-stage: the stage's process group dies, the stage is recorded
+    as interrupted, and the suite process ends."""
+    suite_code = ("import sys\n"
+                  f"sys.path.insert(0, {str(ROOT)!r})\n"
+                  "from pathlib import Path\n"
+                  "from benchmarks.stages import Interrupted, Stage, StageRunner\n"
+                  "out = Path(sys.argv[1])\n"
+                  "runner = StageRunner(out, 120, out, say=lambda m: None)\n"
+                  "runner.install_signal_handlers()\n"
+                  "try:\n"
+                  f"    runner.run(Stage('s', [sys.executable, '-c', {SLEEPER!r}, str(out / 'gc.pid')], 100, out / 'r.json'))\n"
+                  "except Interrupted:\n"
+                  "    print('interrupted', runner.records[-1]['status'], flush=True)\n")
+    proc = subprocess.Popen(py(suite_code, tmp_path), stdout=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "gc.pid"
+    try:
+        assert wait_for(lambda: pid_file.is_file() and pid_file.read_text(), 60), "the stage did not start"
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert stdout.strip() == "interrupted interrupted"
+    assert wait_for(lambda: not alive(int(pid_file.read_text())), 10), "the stage's child outlived the suite"
 
 
 def test_stage_that_writes_no_result_fails_even_with_exit_0(tmp_path):
