@@ -10,7 +10,7 @@ from typing import Callable
 
 from fmstack.errors import FmstackError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fmstack.bench")
 
 
 def write_outputs(report: dict, out: str | None, png: str | None, plot_fn: Callable[[dict, str], None]) -> None:
