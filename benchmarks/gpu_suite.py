@@ -1,43 +1,41 @@
 """GPU validation and performance suite: one command on a lent CUDA machine, results under DIR.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_suite.py --out DIR --quick   # one model, ~8 min on an H200
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_suite.py --out $OUT    # ~8 min on one H200
+    python benchmarks/gpu_suite.py --out /tmp/dry --dry-run           # every stage on the CPU
 
-Stages, in order; each is wrapped (a failure or timeout is recorded and the rest still runs), each
-gets what is left of --budget-s (a stage that cannot fit is skipped and says so), and the results are
-rewritten after every stage, so a run cut short still leaves them:
-  env          device, driver, torch/CUDA/triton/transformers versions, date, nvidia-smi
-  copy         device copy bandwidth: a 4 GiB `copy_`, bytes read + written / time, CUDA events,
-               median of 20 (the ceiling decode utilization is measured against)
-  tests        python -m pytest -m cuda tests/gpu (and any other test file with cuda-marked tests)
-  bench        `python -m fmstack.bench` (what `fmstack bench` runs) on random:<config> models, random
-               weights generated on the GPU, bf16 / int8 / int4 at batch 1 (tok/s, achieved GB/s,
-               utilization), a bf16 batch sweep (ms per decode step), prefill tok/s, and what
-               torch.compile compiled during the timed generations (must be nothing)
-  gemv         one decode-shaped matmul per kernel (bf16 cuBLAS, int8 aten, int8 as an Inductor
-               reduction, int4 tinygemm) in CUDA graphs: GB/s per kernel, to explain the bench numbers
-  hf           the bf16 batch-1 bench again with --peers hf (HF eager and HF static cache + compile on
-               an HF model of the same shape), when transformers imports
-  prefill      (full mode) a 2048-token prompt at batch 1
+Stages, in this order (cheap, high-value first), each a child process with its own time budget
+(budgets in seconds; they add up to 460 <= 480, 8 minutes, compiles included):
+  env      15  versions (gguf: `python -m fmstack` needs it), device properties, nvidia-smi
+  copy     20  device copy bandwidth: 4 GiB `copy_`, (read + written) / time, median of 20: the 100% line
+  gemv     45  one llama2-7b w_gate_up matmul per kernel (bf16 cuBLAS, int8, int8 as an Inductor
+               reduction, int4 tinygemm) in CUDA graphs: GB/s per kernel
+  bench    75  `python -m fmstack bench` bf16, batch 1: tok/s, GB/s, utilization, compiles
+  bench    75  the same, int4
+  tests   110  python -m pytest -m cuda tests/gpu (and other files with cuda-marked tests), -v, junit XML
+  bench    60  int8, batch 1
+  bench    60  bf16 batch sweep (--batch-sizes, default 8,64), one process
+  hf      120  (--with hf) bf16 batch 1 again with --peers hf (HF eager, HF static cache + compile)
+  prefill  60  (--with prefill) a 2048-token prompt at batch 1
+A stage fails unless it exits 0 and writes its result file (JSON; junit XML for the tests); a stage
+that runs out of its budget is killed with its whole process group; the summary (gpu_suite.json,
+gpu_suite.md) is rewritten after every stage and on SIGTERM/SIGINT/SIGHUP. See benchmarks/stages.py.
 
-Files in DIR (at most 8, flat, as the device tool brings back): gpu_suite.json (everything),
-gpu_suite.md (tables for the README), suite.log, env.txt, pytest.log, bench.log.
+--dry-run: every stage on the CPU on random:tiny-gqa (small shapes, 8-token prompts, 4 new tokens,
+one repeat, bench with --no-compile: compiling on the CPU takes minutes), writing its JSON; what
+tests/benchmarks/test_gpu_suite.py checks.
+
+Files in DIR (flat, at most 8, as the device tool brings back): gpu_suite.json (everything),
+gpu_suite.md (tables for the README), suite.log (progress, the probes' output), pytest.log
+(-v: names every test as it runs), junit.xml, bench.log.
 Targets: bf16 batch-1 decode >= 85% of copy bandwidth, int8/int4 >= 70%, zero recompiles.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import importlib.util
 import json
-import math
 import os
-import platform
 import re
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,74 +47,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.stages import Interrupted, Stage, StageRunner, now_iso  # noqa: E402
+
 RANDOM_NOTE = ("random weights generated on the GPU (random:<config>): shapes and bytes of the real models, "
                "so speed is representative; token quality is not measured")
 TARGETS = {"bf16": 0.85, "int8": 0.70, "int4": 0.70}  # batch-1 decode, fraction of copy bandwidth
 PROMPT_LEN, NEW_TOKENS = 128, 128  # 256 tokens: exactly one cache length (no re-allocation)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
-# -- small helpers ----------------------------------------------------------------------------------
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def run_cmd(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> dict:
-    """Run `cmd` in the repo root, stdout+stderr appended to log_path; its whole process group is
-    killed on timeout (Inductor's compile workers too)."""
-    t0 = time.perf_counter()
-    with open(log_path, "a") as log:
-        log.write(f"\n===== {now_iso()} $ {' '.join(cmd)}\n")
-        log.flush()
-        start = log.tell()  # bytes
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        timed_out = False
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except BaseException:
-            _kill(proc)
-            raise
-        if timed_out:
-            _kill(proc)
-            rc = proc.returncode
-            log.write(f"\n===== killed after {timeout:.0f}s (stage timeout)\n")
-    text = log_path.read_bytes()[start:].decode(errors="replace")
-    return {"rc": rc, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 1), "output": text}
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def tail(text: str, n: int = 1500) -> str:
-    return text[-n:]
-
-
-def last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("=====")]
-    return lines[-1][:300] if lines else "(no output)"
+SUITE_BUDGET_S = 480.0  # 8 minutes on one H200, compiles included
+# seconds per stage on an H200 (budgets: the stage is killed past them)
+BUDGETS = {"env": 15, "copy": 20, "gemv": 45, "bf16-b1": 75, "int4-b1": 75, "tests": 110, "int8-b1": 60,
+           "sweep": 60, "hf": 120, "prefill": 60}
+DRY_RUN_BUDGET_S = 300.0  # per stage on a CPU (int4 builds its CPU kernel even without --compile)
+OPTIONAL = ("hf", "prefill")
+PYTEST_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
 def child_env(**extra: str) -> dict:
@@ -127,196 +70,143 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+# -- the plan ---------------------------------------------------------------------------------------
+
+def bench_cmd(args: argparse.Namespace, model: str, extra: list[str], out: Path, prompt_len: int = PROMPT_LEN,
+              new_tokens: int = NEW_TOKENS) -> list[str]:
+    """`python -m fmstack bench` (the real entry point) for one stage; in a dry run, small on the CPU."""
+    cmd = [sys.executable, "-m", "fmstack", "bench", "--model", f"random:{model}", "--dtype", "bf16",
+           "--repeats", str(args.repeats), "--out", str(out)]
+    if args.dry_run:
+        return cmd + ["--device", "cpu", "--prompt-len", "8", "--new-tokens", "4", "--warmup-tokens", "2",
+                      "--threads", "1", "--no-compile", *extra]
+    return cmd + ["--device", "cuda", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), *extra]
+
+
+def tests_cmd(args: argparse.Namespace, junit: Path) -> list[str]:
+    """pytest -m cuda over tests/gpu and every other test file with cuda-marked tests: -v names each
+    test in pytest.log as it runs (a killed run still says which ran); junit XML at the end."""
+    paths = ["tests/gpu"] + [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("test_*.py"))
+                             if p.relative_to(ROOT / "tests").parts[0] != "gpu"
+                             and "mark.cuda" in p.read_text(errors="replace")]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *paths, "-v", "-rfEs", "-p", "no:cacheprovider",
+           f"--junitxml={junit}"]
+    if not args.dry_run and importlib_has("pytest_timeout"):
+        cmd.append("--timeout=60")
+    return cmd
+
+
+def importlib_has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def plan(args: argparse.Namespace, out: Path, tmp: Path) -> list[Stage]:
+    """The stages in run order (see the module docstring), with their budgets and result files."""
+    dry = ["--dry-run"] if args.dry_run else []
+    probes = str(ROOT / "benchmarks" / "gpu_probes.py")
+    stages = [Stage(kind, [sys.executable, probes, kind, str(tmp / f"{kind}.json"), *dry], BUDGETS[kind],
+                    tmp / f"{kind}.json", env=child_env(), info={"kind": kind})
+              for kind in ("env", "copy", "gemv")]
+    for i, model in enumerate(args.model_list):
+        def bench(label: str, extra: list[str], budget: str, **kw) -> Stage:
+            path = tmp / f"bench_{model}_{label}.json"
+            kind = budget if budget in OPTIONAL else "bench"
+            return Stage(f"{kind}:{model}:{label}", bench_cmd(args, model, extra, path, **kw), BUDGETS[budget],
+                         path, log="bench.log", env=child_env(TORCH_LOGS="recompiles"), min_s=20,
+                         info={"kind": kind, "model": model, "label": label})
+
+        sweep = ",".join(str(b) for b in args.sweep)
+        stages += [bench("bf16-b1", ["--quantize", "none", "--batch-sizes", "1"], "bf16-b1"),
+                   bench("int4-b1", ["--quantize", "int4", "--batch-sizes", "1"], "int4-b1")]
+        if i == 0:
+            stages.append(Stage("tests", tests_cmd(args, out / "junit.xml"), BUDGETS["tests"], out / "junit.xml",
+                                log="pytest.log", env=child_env(), min_s=30, info={"kind": "tests"}))
+        stages.append(bench("int8-b1", ["--quantize", "int8", "--batch-sizes", "1"], "int8-b1"))
+        if sweep:
+            stages.append(bench(f"bf16-b{sweep.replace(',', '-')}", ["--quantize", "none", "--batch-sizes", sweep],
+                                "sweep"))
+        if "hf" in args.with_kinds:
+            stages.append(bench("hf", ["--quantize", "none", "--batch-sizes", "1", "--peers", "hf"], "hf",
+                                new_tokens=64))
+        if "prefill" in args.with_kinds:
+            stages.append(bench("prefill-2048", ["--quantize", "none", "--batch-sizes", "1", "--warmup-tokens", "2"],
+                                "prefill", prompt_len=2048, new_tokens=2))
+    if args.dry_run:
+        for s in stages:
+            s.budget_s = DRY_RUN_BUDGET_S
+    return [s for s in stages if s.info["kind"] not in args.skip_kinds]
+
+
 # -- the suite --------------------------------------------------------------------------------------
 
 class Suite:
+    """The stages' runner plus the summary: each finished stage's result file is folded into
+    `results` and gpu_suite.json / gpu_suite.md are rewritten."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + args.budget_s
         self.log_path = self.out / "suite.log"
         self.log_path.write_text("")
+        for name in ("pytest.log", "bench.log", "junit.xml"):
+            (self.out / name).unlink(missing_ok=True)
+        self.stages = plan(args, self.out, self.tmp)
+        self.runner = StageRunner(self.out, args.budget_s, ROOT, on_stage=self.absorb, say=self.say)
+        self.by_name = {s.name: s for s in self.stages}
         self.results: dict = {
-            "suite": {"started": now_iso(), "quick": args.quick, "budget_s": args.budget_s,
+            "suite": {"started": now_iso(), "dry_run": args.dry_run, "budget_s": args.budget_s,
+                      "stage_budgets_s": {s.name: s.budget_s for s in self.stages},
                       "command": " ".join([sys.executable] + sys.argv), "note": RANDOM_NOTE,
-                      "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+                      "prompt_len": 8 if args.dry_run else PROMPT_LEN, "new_tokens": 4 if args.dry_run else NEW_TOKENS,
                       "targets": {f"{k} batch-1 utilization": v for k, v in TARGETS.items()}
                       | {"recompiles during timed generations": 0}},
-            "stages": [], "env": {}, "copy_bandwidth": None, "tests": None, "bench": {}, "gemv": None,
+            "stages": self.runner.records, "env": {}, "copy_bandwidth": None, "tests": None, "bench": {},
+            "gemv": None,
         }
 
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def bench_min_s(self) -> float:
-        """Time a bench stage needs to be worth starting: 60 s, or 80% of the last bench stage's time
-        (each compiles its own graphs), so a stage that would be killed half-way is skipped instead."""
-        done = [s["seconds"] for s in self.results["stages"]
-                if s["name"].startswith(("bench:", "hf:")) and s["status"] == "ok"]
-        return max(60.0, 0.8 * done[-1]) if done else 60.0
-
     def say(self, msg: str) -> None:
-        line = f"[{time.monotonic() - self.t0:6.0f}s] {msg}"
+        line = f"[{time.monotonic() - self.runner.t0:6.0f}s] {msg}"
         print(line, flush=True)
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
 
-    def stage(self, name: str, fn, cap_s: float, min_s: float = 30.0) -> None:
-        """Run fn(timeout_s) unless the budget is out; record status, seconds and any error."""
-        left = self.remaining() - 5.0
-        rec = {"name": name, "status": "skipped", "seconds": 0.0}
-        if name.split(":")[0] in self.args.skip_kinds:
-            rec["reason"] = "--skip"
-        elif left < min_s:
-            rec["reason"] = f"budget: {max(left, 0):.0f}s left, stage needs >= {min_s:.0f}s"
-        else:
-            timeout = min(cap_s, left)
-            self.say(f"stage {name} (timeout {timeout:.0f}s)")
-            t0 = time.perf_counter()
-            try:
-                status = fn(timeout) or "ok"
-                if isinstance(status, tuple):  # (status, reason)
-                    status, rec["error"] = status
-                rec["status"] = status
-            except Interrupted:
-                rec.update(status="interrupted")
-                self.results["stages"].append(rec)
-                raise
-            except Exception as e:  # noqa: BLE001 - recorded, the next stage runs
-                rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
-                with open(self.log_path, "a") as f:
-                    f.write(traceback.format_exc())
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-        self.say(f"stage {name}: {rec['status']}" + (f" ({rec.get('reason') or rec.get('error')})"
-                                                       if rec["status"] not in ("ok",) else "")
-                 + f" [{rec['seconds']}s]")
-        self.results["stages"].append(rec)
+    def run(self) -> None:
+        self.say(f"gpu suite{' (dry run, CPU)' if self.args.dry_run else ''}: models {','.join(self.args.model_list)}, "
+                 f"{len(self.stages)} stages, budget {self.args.budget_s:.0f}s, out {self.out}")
         self.write()
+        for stage in self.stages:
+            self.runner.run(stage)
 
-    # -- stages -------------------------------------------------------------------------------------
-    def env_stage(self, timeout: float) -> str:
-        import torch
-
-        p = torch.cuda.get_device_properties(0)
-        env = {
-            "date": now_iso(), "host": platform.node(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "triton": version("triton"), "transformers": version("transformers"), "pytest": version("pytest"),
-            "device_name": torch.cuda.get_device_name(0), "capability": f"{p.major}.{p.minor}",
-            "sm_count": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
-            "l2_mib": round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None,
-            "device_count": torch.cuda.device_count(), "cpu_count": os.cpu_count(),
-        }
+    def absorb(self, rec: dict) -> None:
+        """Fold a finished stage's result file into the summary, then rewrite it."""
+        stage = self.by_name[rec["name"]]
+        kind = stage.info["kind"]
         try:
-            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                               text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            env["git_commit"] = None
-        smi_path = self.out / "env.txt"
-        smi_path.write_text(json.dumps(env, indent=1) + "\n")
-        for cmd in (["nvidia-smi"], ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
-                                     "clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu",
-                                     "--format=csv"]):
-            try:
-                r = run_cmd(cmd, smi_path, min(timeout, 30))
-                env.setdefault("nvidia_smi", []).append(r["output"].strip()[-3000:])
-            except OSError as e:
-                env.setdefault("nvidia_smi", []).append(f"{cmd[0]}: {e}")
-        self.results["env"] = env
-        return "ok"
-
-    def copy_stage(self, timeout: float) -> str:
-        import torch
-
-        n = 2**32  # 4 GiB each way: far beyond L2
-        src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()  # not zeros
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        ok = bool(torch.equal(src[:: 2**20], dst[:: 2**20]))
-        del src, dst
-        torch.cuda.empty_cache()
-        gbs = [2 * n / t / 1e9 for t in times]
-        self.results["copy_bandwidth"] = {
-            "gb_s": round(statistics.median(gbs), 1), "min": round(min(gbs), 1), "max": round(max(gbs), 1),
-            "bytes_each_way": n, "repeats": len(times), "copy_checked": ok,
-            "method": "dst.copy_(src), 4 GiB uint8 random, (read + written bytes) / time, CUDA events, median"}
-        self.say(f"copy bandwidth {self.copy_gb_s():.0f} GB/s")
-        return "ok" if ok else ("failed", "the copy's destination differs from its source")
+            if kind == "tests":
+                self.results["tests"] = tests_result(rec, stage.result, self.out / "pytest.log")
+            elif rec["status"] == "ok":
+                data = json.loads(stage.result.read_text())
+                if kind == "env":
+                    self.results["env"] = data
+                elif kind == "copy":
+                    self.results["copy_bandwidth"] = data
+                    self.say(f"copy bandwidth {data['gb_s']:.0f} GB/s")
+                elif kind == "gemv":
+                    self.results["gemv"] = data
+                else:
+                    self.results["bench"][f"{stage.info['model']}:{stage.info['label']}"] = bench_result(
+                        rec, data, stage, self.copy_gb_s(), self.out / "bench.log")
+        except Exception as e:  # noqa: BLE001 - an unreadable result fails its stage, the suite goes on
+            rec.update(status="failed", error=f"result {stage.result.name} unreadable: {type(e).__name__}: {e}")
+        self.write()
 
     def copy_gb_s(self) -> float | None:
         c = self.results.get("copy_bandwidth")
         return c["gb_s"] if c else None
-
-    def tests_stage(self, timeout: float) -> str:
-        paths = ["tests/gpu"] + [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("test_*.py"))
-                                 if "gpu" not in p.relative_to(ROOT / "tests").parts[:1]
-                                 and "mark.cuda" in p.read_text(errors="replace")]
-        junit = self.tmp / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *paths, "-q", "-rfEs", "-p", "no:cacheprovider",
-               f"--junitxml={junit}"]
-        if importlib.util.find_spec("pytest_timeout") is not None:
-            cmd.append("--timeout=150")
-        r = run_cmd(cmd, self.out / "pytest.log", timeout, child_env())
-        res = {"command": " ".join(cmd), "rc": r["rc"], "timed_out": r["timed_out"], "seconds": r["seconds"],
-               "summary": (r["output"].strip().splitlines() or [""])[-1][:300]}
-        if junit.is_file():
-            res.update(parse_junit(junit))
-        self.results["tests"] = res
-        if r["timed_out"]:
-            return "timeout", f"killed after {timeout:.0f}s: {res['summary']}"
-        if r["rc"] == 0 and res.get("failed", 0) == 0 and res.get("errors", 0) == 0:
-            return "ok"
-        return "failed", f"pytest rc {r['rc']}: {res['summary']}"
-
-    def bench_stage(self, model: str, label: str, extra: list[str], timeout: float, prompt_len: int = PROMPT_LEN,
-                    new_tokens: int = NEW_TOKENS) -> str:
-        out = self.tmp / f"bench_{model}_{label}.json"
-        cmd = [sys.executable, "-m", "fmstack.bench", "--model", f"random:{model}", "--device", "cuda",
-               "--dtype", "bf16", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
-               "--repeats", str(self.args.repeats), "--out", str(out), *extra]
-        r = run_cmd(cmd, self.out / "bench.log", timeout, child_env(TORCH_LOGS="recompiles"))
-        rec = {"command": " ".join(cmd), "rc": r["rc"], "timed_out": r["timed_out"], "seconds": r["seconds"],
-               "recompile_log_lines": len(re.findall(r"Recompiling function", r["output"])),
-               "recompile_limit_hits": len(re.findall(r"recompile_limit|cache_size_limit", r["output"]))}
-        if out.is_file():
-            rec["report"] = json.loads(out.read_text())
-            rec["rows"] = summarize_bench(rec["report"], model, label, self.copy_gb_s())
-        else:
-            rec["error_tail"] = tail(r["output"])
-        self.results["bench"][f"{model}:{label}"] = rec
-        if r["timed_out"]:
-            return "timeout", f"killed after {timeout:.0f}s (see bench.log)"
-        if r["rc"] == 0 and "report" in rec:
-            return "ok"
-        return "failed", f"rc {r['rc']}: {last_line(r['output'])}"
-
-    def gemv_stage(self, timeout: float) -> str:
-        out = self.tmp / "gemv.json"
-        r = run_cmd([sys.executable, str(Path(__file__).resolve()), "--probe-gemv", str(out)],
-                    self.out / "bench.log", timeout, child_env())
-        if not out.is_file():
-            self.results["gemv"] = {"rc": r["rc"], "error_tail": tail(r["output"])}
-            return ("timeout" if r["timed_out"] else "failed"), f"rc {r['rc']}: {last_line(r['output'])}"
-        res = json.loads(out.read_text())
-        copy = self.copy_gb_s()
-        for v in res["variants"].values():
-            v["utilization"] = round(v["gb_s"] / copy, 3) if copy and v.get("gb_s") else None
-        self.results["gemv"] = res
-        return "ok" if r["rc"] == 0 else ("failed", f"rc {r['rc']}: {last_line(r['output'])}")
 
     # -- outputs ------------------------------------------------------------------------------------
     def all_rows(self) -> list[dict]:
@@ -356,14 +246,51 @@ class Suite:
         self.results["targets"] = targets
 
     def write(self) -> None:
-        self.results["suite"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.results["suite"]["elapsed_s"] = round(time.monotonic() - self.runner.t0, 1)
         try:
             self.evaluate()
+            g = self.results.get("gemv")
+            copy = self.copy_gb_s()
+            for v in (g or {}).get("variants", {}).values():
+                v["utilization"] = round(v["gb_s"] / copy, 3) if copy and v.get("gb_s") else None
         except Exception:  # noqa: BLE001 - a half-filled result must still be written
             with open(self.log_path, "a") as f:
                 f.write(traceback.format_exc())
         (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
-        (self.out / "gpu_suite.md").write_text(markdown(self.results))
+        try:
+            md = markdown(self.results)
+        except Exception as e:  # noqa: BLE001 - the JSON above is the record; the tables are a view of it
+            md = f"(tables not rendered: {type(e).__name__}: {e}; see gpu_suite.json)\n"
+            with open(self.log_path, "a") as f:
+                f.write(traceback.format_exc())
+        (self.out / "gpu_suite.md").write_text(md)
+
+
+def tests_result(rec: dict, junit: Path, log: Path) -> dict:
+    """The tests stage's counts from its junit XML, or, when pytest was killed before writing it,
+    from the -v lines of pytest.log (every test that ran, with its outcome)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    res = {"command": rec.get("command"), "rc": rec.get("rc"), "status": rec["status"],
+           "seconds": rec["seconds"], "summary": (text.strip().splitlines() or [""])[-1][:300]}
+    if junit.is_file():
+        return res | parse_junit(junit)
+    ran = [{"test": m.group(1), "outcome": m.group(2)} for m in map(PYTEST_LINE.match, text.splitlines()) if m]
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    for r in ran:
+        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors"}.get(r["outcome"], "skipped")
+        counts[key] += 1
+    return res | counts | {"ran_before_kill": ran, "failures": [{"test": r["test"], "message": r["outcome"]}
+                                                                for r in ran if r["outcome"] in ("FAILED", "ERROR")]}
+
+
+def bench_result(rec: dict, report: dict, stage: Stage, copy_gb_s: float | None, log: Path) -> dict:
+    """A bench stage's report with its flat rows and the TORCH_LOGS=recompiles lines of its output."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    mine = text[text.rfind(f"stage {stage.name} $"):]
+    return {"command": rec["command"], "rc": rec["rc"], "seconds": rec["seconds"], "report": report,
+            "rows": summarize_bench(report, stage.info["model"], stage.info["label"], copy_gb_s),
+            "recompile_log_lines": len(re.findall(r"Recompiling function", mine)),
+            "recompile_limit_hits": len(re.findall(r"recompile_limit|cache_size_limit", mine))}
 
 
 def parse_junit(path: Path) -> dict:
@@ -441,11 +368,13 @@ def markdown(res: dict) -> str:
     env, copy = res.get("env") or {}, res.get("copy_bandwidth")
     lines = [f"### GPU results: {env.get('device_name', '?')}, torch {env.get('torch', '?')} "
              f"(CUDA {env.get('cuda', '?')}), {env.get('date', res['suite']['started'])[:10]}", ""]
+    if res["suite"].get("dry_run"):
+        lines += ["**Dry run on the CPU** (random:tiny-gqa, small shapes, no compile): checks the plumbing; "
+                  "no figure or target below means anything.", ""]
     lines.append(f"Models: {RANDOM_NOTE}. bf16 activations; prompt {res['suite']['prompt_len']} tokens, "
                  f"{res['suite']['new_tokens']} new tokens per row, greedy, compiled (CUDA graphs for decode).")
     if copy:
-        lines.append(f"Copy bandwidth (the 100% line): **{copy['gb_s']:.0f} GB/s** (4 GiB `copy_`, bytes read + "
-                     f"written, median of {copy['repeats']}).")
+        lines.append(f"Copy bandwidth (the 100% line): **{copy['gb_s']:.0f} GB/s** ({copy.get('method')}).")
     lines += ["", "| model | system | batch | tok/s | ms/step | prefill tok/s | GB/s streamed | % of copy BW | "
                   "peak GB | compiles warm-up / timed |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -495,136 +424,59 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- the int8/int4/bf16 decode matmul probe (a child process of the suite) ---------------------------
-
-def probe_gemv(path: str) -> int:
-    """Time one llama2-7b w_gate_up matmul ([1, 4096] x [22016, 4096]) per kernel inside a CUDA graph,
-    rotating over enough weight copies that they do not fit in L2; check each against bf16."""
-    import torch
-    import torch.nn.functional as F
-
-    from fmstack.quant import ops
-    from fmstack.quant.linear import dequantize_int4, int4_params, quantize_int4_with, quantize_int8
-
-    dev = torch.device("cuda")
-    n, k, group = 22016, 4096, 32
-    g = torch.Generator(device=dev)
-    g.manual_seed(0)
-    x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
-
-    def base() -> torch.Tensor:
-        return torch.randn(n, k, device=dev, generator=g) * 0.02
-
-    def copies(make, each_bytes: int) -> tuple[list, torch.Tensor]:
-        """(weight copies: enough to total >= 1 GiB, far beyond L2; the first copy's bf16 dequantization)"""
-        first, ref = make()
-        return [first] + [make()[0] for _ in range(max(2, min(32, math.ceil(2**30 / each_bytes))) - 1)], ref
-
-    def bf16_w():
-        w = base().to(torch.bfloat16)
-        return (w,), w
-
-    def int8_w():
-        q, s = quantize_int8(base())
-        s = s.to(torch.bfloat16)
-        return (q, s), q.to(torch.bfloat16) * s[:, None]
-
-    def int4_w():
-        w = base()
-        scales, zeros = int4_params(w, group)
-        q = quantize_int4_with(w, scales, zeros, group)
-        packed, sz = ops.int4_prepare(q, scales, zeros, torch.bfloat16)
-        deq = dequantize_int4(q, sz[..., 0].T.float(), sz[..., 1].T.float(), group).to(torch.bfloat16)
-        return (packed, sz), deq
-
-    def fused_int8(x, q, s):
-        return F.linear(x, q.to(x.dtype)) * s
-
-    from torch._inductor import config as inductor_config
-
-    with inductor_config.patch(coordinate_descent_tuning=True):  # M=1 mm -> a fusable reduction
-        fused = torch.compile(fused_int8, fullgraph=True)
-
-    variants = {
-        "bf16 F.linear (cuBLAS)": (bf16_w, n * k * 2, lambda w: F.linear(x, w)),
-        "int8 aten._weight_int8pack_mm (fmstack)": (int8_w, n * k + n * 2, lambda q, s: ops.int8_mm(x, q, s)),
-        "int8 Inductor reduction (coordinate_descent_tuning)": (int8_w, n * k + n * 2, lambda q, s: fused(x, q, s)),
-        f"int4 g{group} aten._weight_int4pack_mm (fmstack)": (int4_w, n * k // 2 + (k // group) * n * 2 * 2,
-                                                            lambda p, sz: ops.int4_mm(x, p, sz, group)),
-    }
-    out = {"shape": f"[1, {k}] x [{n}, {k}]^T", "variants": {}}
-    for name, (make, nbytes, fn) in variants.items():
-        try:
-            ws, deq = copies(make, nbytes)
-            with inductor_config.patch(coordinate_descent_tuning=True):
-                for w in ws[:2]:
-                    fn(*w)  # compile / warm up
-            torch.cuda.synchronize()
-            ref = F.linear(x.float(), deq.float())
-            err = ((fn(*ws[0]).float() - ref).norm() / ref.norm()).item()
-            del deq
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for w in ws:
-                    fn(*w)
-            graph.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(20):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3 / len(ws))
-            t = statistics.median(times)
-            out["variants"][name] = {"us_per_call": round(t * 1e6, 2), "gb_s": round(nbytes / t / 1e9, 1),
-                                     "bytes": nbytes, "copies": len(ws), "rel_err": err}
-            del ws, graph
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 - one kernel failing is a result
-            out["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        print(name, out["variants"][name], flush=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
-
 
 # -- main -------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_suite.py", description=__doc__.splitlines()[0],
-                                epilog="Stages and outputs: see the module docstring and docs/gpu.md.",
+                                epilog="Stages, budgets and outputs: see the module docstring and docs/gpu.md.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="directory for the results (created); on the device tool: $OUT")
-    p.add_argument("--quick", action="store_true",
-                   help="one model (llama2-7b), bf16 sweep at batch 8 and 64 only: fits one ~9-minute device call")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for the results (created; default $OUT)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="every stage on the CPU with random:tiny-gqa, small shapes (checks the plumbing)")
+    p.add_argument("--quick", action="store_true", help="kept for old commands: the default plan is the quick one")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget; stages that cannot fit are skipped (default 450 with --quick, 540 "
-                        "without: both fit one 10-minute device call; raise it on a longer lease)")
-    p.add_argument("--models", default=None, help="comma list of configs (default: llama2-7b with --quick, "
-                                                   "else llama2-7b,llama3-8b)")
-    p.add_argument("--batch-sizes", default=None,
-                   help="bf16 sweep batch sizes besides 1 (default 8,64 with --quick, else 2,4,8,16,32,64)")
+                   help=f"total budget; the planned stages' budgets must fit in it (default {SUITE_BUDGET_S:.0f}, "
+                        f"8 minutes; dry run: stages x {DRY_RUN_BUDGET_S:.0f})")
+    p.add_argument("--models", default="llama2-7b", help="comma list of configs (default llama2-7b)")
+    p.add_argument("--batch-sizes", default="8,64", help="bf16 sweep batch sizes besides 1 (default 8,64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per bench row (default 3)")
-    p.add_argument("--skip", default="", help="comma list of stage kinds to skip: env, copy, tests, bench, gemv, "
+    p.add_argument("--with", dest="with_", default="", help="optional stages: hf, prefill (comma list)")
+    p.add_argument("--skip", default="", help="comma list of stage kinds to skip: env, copy, gemv, bench, tests, "
                                               "hf, prefill")
-    p.add_argument("--probe-gemv", default=None, help=argparse.SUPPRESS)  # internal: the gemv child process
     args = p.parse_args(argv)
-    if args.probe_gemv is None and not args.out:
-        p.error("--out DIR is required")
-    args.budget_s = args.budget_s or (450.0 if args.quick else 540.0)
-    args.model_list = [m.strip() for m in (args.models or ("llama2-7b" if args.quick else "llama2-7b,llama3-8b"))
-                       .split(",") if m.strip()]
+    if not args.out:
+        p.error("--out DIR is required (or set $OUT)")
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.dry_run:
+        args.model_list, args.repeats = ["tiny-gqa"], 1
     try:
-        args.sweep = [int(b) for b in (args.batch_sizes or ("8,64" if args.quick else "2,4,8,16,32,64")).split(",")
-                      if b.strip()]
+        sweep = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         p.error(f"--batch-sizes {args.batch_sizes!r}: expected a comma list of integers")
-    if any(b < 1 for b in args.sweep):
-        p.error("--batch-sizes must be positive")
-    args.sweep = [b for b in dict.fromkeys(args.sweep) if b != 1]  # batch 1 has its own stages
+    if any(b < 1 for b in sweep):
+        p.error(f"--batch-sizes {args.batch_sizes!r}: batch sizes must be >= 1")
+    args.sweep = [b for b in dict.fromkeys(sweep) if b != 1] if not args.dry_run else [2]
+    args.with_kinds = {s.strip() for s in args.with_.split(",") if s.strip()}
     args.skip_kinds = {s.strip() for s in args.skip.split(",") if s.strip()}
+    kinds = {"env", "copy", "gemv", "bench", "tests", *OPTIONAL}
+    for opt, given, allowed in (("--with", args.with_kinds, set(OPTIONAL)), ("--skip", args.skip_kinds, kinds)):
+        if given - allowed:
+            p.error(f"{opt}: unknown stage kind(s) {sorted(given - allowed)}; allowed: {', '.join(sorted(allowed))}")
+    check_budget(p, args)
     return args
+
+
+def check_budget(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The planned stages' budgets must add up to at most --budget-s (default 8 minutes)."""
+    stages = plan(args, Path(args.out), Path(tempfile.gettempdir()))
+    total = sum(s.budget_s for s in stages)
+    if args.budget_s is None:
+        args.budget_s = total if args.dry_run else SUITE_BUDGET_S
+    if total > args.budget_s:
+        p.error(f"the planned stages' budgets add up to {total:.0f}s, over --budget-s {args.budget_s:.0f}s: "
+                f"{', '.join(f'{s.name} {s.budget_s:.0f}' for s in stages)}; run fewer models/stages "
+                "(--models, --batch-sizes, --with, --skip) or raise --budget-s on a longer lease")
 
 
 def check_cuda() -> str | None:
@@ -636,66 +488,34 @@ def check_cuda() -> str | None:
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else
                                                  ", a CPU-only build")
-        return f"CUDA is not available on this machine ({build}); this suite needs an NVIDIA GPU"
+        return f"CUDA is not available on this machine ({build}); this suite needs an NVIDIA GPU (or --dry-run)"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    reason = check_cuda()
+    reason = None if args.dry_run else check_cuda()
     if reason:
         print(f"gpu_suite: error: {reason}", file=sys.stderr)
         return 2
-    if args.probe_gemv:
-        return probe_gemv(args.probe_gemv)
-    from fmstack.config import named_config
+    if not args.dry_run:
+        from fmstack.config import named_config
 
-    for m in args.model_list:
-        named_config(m)  # unknown names fail here, before any stage
+        for m in args.model_list:
+            named_config(m)  # unknown names fail here, before any stage
     suite = Suite(args)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    suite.say(f"gpu suite: models {','.join(args.model_list)}, budget {args.budget_s:.0f}s, out {suite.out}")
-    quick = args.quick
+    suite.runner.install_signal_handlers()
     try:
-        suite.stage("env", suite.env_stage, cap_s=60, min_s=5)
-        suite.stage("copy", suite.copy_stage, cap_s=60, min_s=5)
-        suite.stage("tests", suite.tests_stage, cap_s=150 if quick else 240, min_s=60)
-        have_hf = importlib.util.find_spec("transformers") is not None
-        for i, model in enumerate(args.model_list):
-            def bench(label: str, extra: list[str], model=model, **kw):
-                return lambda timeout: suite.bench_stage(model, label, extra, timeout, **kw)
-
-            # One process per row group: a stage killed at its timeout loses only its own rows.
-            for mode in ("bf16", "int4", "int8"):
-                q = "none" if mode == "bf16" else mode
-                suite.stage(f"bench:{model}:{mode}-b1", bench(f"{mode}-b1", ["--quantize", q, "--batch-sizes", "1"]),
-                            cap_s=200, min_s=suite.bench_min_s())
-            if i == 0:
-                suite.stage("gemv", suite.gemv_stage, cap_s=90, min_s=40)
-            for b in args.sweep:
-                suite.stage(f"bench:{model}:bf16-b{b}", bench(f"bf16-b{b}", ["--quantize", "none", "--batch-sizes",
-                                                                            str(b)]),
-                            cap_s=200, min_s=suite.bench_min_s())
-            if have_hf:
-                suite.stage(f"hf:{model}", bench("hf", ["--quantize", "none", "--batch-sizes", "1", "--peers", "hf"],
-                                                 new_tokens=64), cap_s=240, min_s=max(90, suite.bench_min_s()))
-            else:
-                suite.results["stages"].append({"name": f"hf:{model}", "status": "skipped", "seconds": 0.0,
-                                                "reason": "transformers is not importable: no HF peer"})
-                suite.say(f"stage hf:{model}: skipped (transformers is not importable: no HF peer)")
-            if not quick:
-                suite.stage(f"prefill:{model}", bench("prefill-2048", ["--quantize", "none", "--batch-sizes", "1",
-                                                                       "--warmup-tokens", "2"],
-                                                      prompt_len=2048, new_tokens=2),
-                            cap_s=200, min_s=suite.bench_min_s())
+        suite.run()
     except (Interrupted, KeyboardInterrupt) as e:
         suite.say(f"interrupted ({e}): writing what there is")
     finally:
+        suite.runner.kill_current()
         suite.write()
     print()
     print((suite.out / "gpu_suite.md").read_text())
     failed = [s["name"] for s in suite.results["stages"] if s["status"] not in ("ok", "skipped")]
-    suite.say(f"done in {time.monotonic() - suite.t0:.0f}s; results in {suite.out}"
+    suite.say(f"done in {time.monotonic() - suite.runner.t0:.0f}s; results in {suite.out}"
               + (f"; stages not ok: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

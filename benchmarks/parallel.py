@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fmstack.bench.plot import write_outputs
+
 log = logging.getLogger("benchmarks.parallel")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                  + " ".join(sys.argv[1:] if argv is None else argv)},
         "runs": runs,
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        log.info("wrote %s", args.out)
-    if args.plot:
-        plot(report, args.plot)
-        log.info("wrote %s", args.plot)
+    write_outputs(report, args.out, args.plot, plot)
     return 0
 
 

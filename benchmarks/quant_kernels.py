@@ -73,7 +73,7 @@ def kernels(layers, group_size: int) -> dict:
                 fn(layer, xs[layer["k"]])
         return run
 
-    from fmstack.generation.compile import gemv_as_reduction
+    from fmstack.backends import gemv_as_reduction
 
     fp32_reduce = torch.compile(lambda w, x: gemv_as_reduction(x, w.T, max_rows=x.shape[0]), fullgraph=True,
                                 dynamic=False)

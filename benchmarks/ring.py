@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fmstack.bench.plot import write_outputs
+
 log = logging.getLogger("benchmarks.ring")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,13 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                  "command": "python -m benchmarks.ring " + " ".join(sys.argv[1:] if argv is None else argv)},
         "runs": runs, "ratios": ratios,
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        log.info("wrote %s", args.out)
-    if args.plot:
-        plot(report, args.plot)
-        log.info("wrote %s", args.plot)
+    write_outputs(report, args.out, args.plot, plot)
     return 0
 
 

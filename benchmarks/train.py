@@ -86,7 +86,7 @@ def hf_model(args, lora: bool):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from fmstack.bench import hf_source
+    from fmstack.bench.peers import hf_source
     from fmstack.train.lora import apply_lora
 
     hf_logging.disable_progress_bar()

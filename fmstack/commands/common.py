@@ -10,27 +10,37 @@ from fmstack.generation.speculative import MAX_SPECULATE_K
 from fmstack.loading import LoadedModel, load_model
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, compile_default: bool | None = None,
+                   several_quantize: bool = False) -> None:
+    """--model, --dtype, --device, --compile, --sdpa-backend, --parallel and the quantization options.
+    `compile_default`: --compile's default (None: on for CUDA, off for CPU; see `want_compile`);
+    `several_quantize`: --quantize takes a comma list of modes (see `add_quant_args`)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"registry name, checkpoint path (.gguf, HF dir, Meta dir) or random:<config> "
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="run dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model calls (default: on for CUDA, off for CPU, where a one-off "
-                        "run spends longer compiling than it saves)")
+    compile_help = ("on for CUDA, off for CPU, where a one-off run spends longer compiling than it saves"
+                    if compile_default is None else "on" if compile_default else "off")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
+                   help=f"torch.compile the model calls (default: {compile_help})")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
                    help="restrict scaled_dot_product_attention to one backend (default auto)")
     p.add_argument("--parallel", default="none", choices=["none", "tp", "pp", "cp"],
                    help="split the model over the ranks of a torchrun job: tp (tensor parallel), pp "
                         "(pipeline parallel) or cp (context parallel: ring attention, the sequence and "
                         "KV cache split); launch with torchrun --nproc-per-node N -m fmstack ...")
-    add_quant_args(p)
+    add_quant_args(p, several=several_quantize)
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the projections at load (weight-only; int4 is group-wise)")
+def add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--quantize (one mode, or with `several` a comma list of none/int8/int4, default none) and --group-size."""
+    if several:
+        p.add_argument("--quantize", default="none",
+                       help="comma list of weight modes, one run each: none, int8, int4 (default none)")
+    else:
+        p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                       help="quantize the projections at load (weight-only; int4 is group-wise)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
 
 

@@ -75,10 +75,13 @@ class Generator:
     length (one graph for all prompt lengths), decode with static shapes (one graph for all steps;
     a CUDA graph on CUDA). Greedy batches take an argmax-only variant of each graph.
     The compiled CPU decode step does not re-check the model's attributes at every call: once a
-    Generator has run, its model must not be modified (swap modules or weights before, not after)."""
+    Generator has run, its model must not be modified (swap modules or weights before, not after).
+    `gemv_max_rows` (compiled CPU decode): matmuls with at most this many rows become streaming
+    reductions; 0 leaves them to BLAS (the A/B of `fmstack bench --decode-compiler stock`)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None, *,
-                 compile: bool = False, sdpa_backend: str = "auto", max_seq_len: int | None = None):
+                 compile: bool = False, sdpa_backend: str = "auto", max_seq_len: int | None = None,
+                 gemv_max_rows: int = GEMV_MAX_ROWS):
         self.model, self.tokenizer = model, tokenizer
         if eos_ids is None:
             eos_ids = sorted(tokenizer.eos_ids) if tokenizer is not None else []
@@ -100,7 +103,8 @@ class Generator:
             self._prefill_step = compile_prefill(self._prefill_impl, "prefill")
             # Decode has static shapes: on CUDA it is captured as a CUDA graph; on CPU its batch-1
             # matmuls become streaming reductions (see fmstack.generation.compile).
-            self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model")
+            self._decode_step = compile_decode(self._decode_impl, self.device, gemv_max_rows,
+                                               frozen_attribute="model")
         self._logits_few = self._logits_many = self._logits_impl
         if compile:  # T <= GEMV_MAX_ROWS: static graphs (one per T), like decode; longer: a symbolic length
             self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model",

@@ -20,6 +20,8 @@ def test_bench_writes_json(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # not the repo: the CLI must find benchmarks/
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tok/s" in proc.stdout and "fmstack" in proc.stdout
+    # the warm-up says what it runs and why
+    assert "warm-up fmstack batch 1: 4 untimed tokens (eager: no compilation, faults in the weights" in proc.stderr
     report = json.loads(out.read_text())
     meta = report["meta"]
     for key in ("date", "device", "device_name", "torch", "threads", "load_avg_start", "model", "dtype",
@@ -68,6 +70,8 @@ def test_bench_quantized_modes_and_speculative_rows(tmp_path):
     (["--peers", "vllm"], "unknown peer"),
     (["--speculate-k", "0", "--draft-quantize", "int8"], "--speculate-k"),
     (["--quantize", "int8", "--draft-quantize", "int8"], "include 'none'"),
+    (["--speculate-k", "3"], "--speculate-k needs a draft"),
+    (["--parallel", "cp"], "--parallel cp: fmstack bench runs none, tp or pp"),
 ])
 def test_bench_argument_errors(args, msg):
     proc = subprocess.run([sys.executable, "-m", "fmstack", "bench", "--model", "random:tiny-mha", "--no-compile",
@@ -80,7 +84,7 @@ def test_compile_counts_see_compiles_and_recompiles():
     recompiles (dynamo's eager backend: no code generation, milliseconds)."""
     import torch
 
-    from fmstack.bench import compile_counts, compile_counts_since
+    from fmstack.bench.measure import compile_counts, compile_counts_since
 
     f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
     start = compile_counts()

@@ -355,3 +355,83 @@ def test_decode_step_makes_no_host_sync(tiny, greedy):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (B,) and out.dtype == torch.long
+
+
+# -- the serving engine's compiled paged step; speculative decoding ---------------------------------
+# The bodies take the device (and whether to compile) so that the same logic can be checked on the CPU:
+#   python -c "from tests.gpu.test_cuda import *; check_engine_compiled_step('cpu', False)"
+
+def engine_prompts(lengths, seed: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_engine(engine, prompt_list, max_new: int) -> dict[str, list[int]]:
+    """Every prompt through `engine.step()` (no thread) until done: request id -> generated token ids."""
+    from fmstack.serve.engine import RequestParams
+
+    outs: dict[str, list[int]] = {}
+
+    def collect(o):
+        outs.setdefault(o.request_id, []).extend(o.token_ids)
+
+    for i, p in enumerate(prompt_list):
+        engine.add_request(str(i), p, RequestParams(SamplingParams(max_new_tokens=max_new)), collect)
+    while engine.has_work():
+        engine.step()
+    return outs
+
+
+def check_engine_compiled_step(device: str, compile: bool = True) -> None:
+    """The engine's paged step (compiled: torch.compile(fullgraph=True) over mixed prefill + decode
+    batches with dynamic token counts) gives the tokens plain greedy `Generator` gives each prompt
+    alone, with no graph break; a second wave of requests with other tokens but the same lengths (so
+    the same schedule) compiles nothing new. (Other lengths and request counts may compile new graphs:
+    the attention groups of a step are a Python list, one graph per group count.)"""
+    from fmstack.serve.engine import Engine, EngineConfig
+
+    model = load_model("random:tiny-gqa", device=device, dtype="fp32", seed=0).model
+    ref_gen = Generator(model, eos_ids=[])
+    first, second = engine_prompts([9, 21, 14], 13, 512), engine_prompts([9, 21, 14], 14, 512)
+    ref = {str(i): ref_gen.generate([p], SamplingParams(max_new_tokens=6))[0].token_ids
+           for i, p in enumerate(first)}
+    torch._dynamo.reset()
+    counters.clear()
+    eng = Engine(model, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16,
+                                           max_model_len=128, compile=compile))
+    assert run_engine(eng, first, 6) == ref
+    warm_graphs = counters["stats"]["unique_graphs"]
+    ref2 = {str(i): ref_gen.generate([p], SamplingParams(max_new_tokens=6))[0].token_ids
+            for i, p in enumerate(second)}
+    assert run_engine(eng, second, 6) == ref2
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == warm_graphs, "the same schedule compiled again"
+    if compile:
+        assert warm_graphs >= 1
+
+
+def test_engine_compiled_paged_step_on_cuda():
+    check_engine_compiled_step("cuda")
+
+
+def check_speculative(device: str, compile: bool = True) -> None:
+    """Greedy speculative decoding (compiled target and draft) gives exactly the target's greedy tokens,
+    with an int8 draft and with the target as its own draft (which must accept every proposal but
+    for float noise between its 1-token and k-token forwards)."""
+    from fmstack.generation.speculative import SpeculativeGenerator
+
+    target = load_model("random:tiny-gqa", device=device, dtype="fp32", seed=0).model
+    draft8 = load_model("random:tiny-gqa", device=device, dtype="fp32", seed=0, quantize="int8").model
+    tgt = Generator(target, eos_ids=[], compile=compile)
+    prompt = engine_prompts([12], 3, 512)[0]
+    params = SamplingParams(max_new_tokens=24)
+    ref = Generator(target, eos_ids=[]).generate([prompt], params)[0].token_ids
+    for draft_model, min_rate in ((draft8, 0.0), (target, 0.9)):
+        spec = SpeculativeGenerator(tgt, Generator(draft_model, eos_ids=[], compile=compile), 4)
+        res = spec.generate(prompt, params)
+        assert res.token_ids == ref
+        assert res.rounds > 0 and res.proposed > 0 and res.acceptance_rate >= min_rate, res
+
+
+def test_speculative_decoding_compiled_on_cuda():
+    check_speculative("cuda")
