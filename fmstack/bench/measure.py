@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from fmstack.backends import compile_counters
 from fmstack.errors import ParameterError
 
 
@@ -107,15 +108,9 @@ def unique_bytes(tensors) -> int:
 def compile_counts() -> dict[str, int]:
     """What torch.compile has done so far in this process: graphs compiled (one per compile or
     recompile), frames compiled, graph breaks, and Inductor's CUDA-graph skips. The difference of two
-    readings counts a region; all zero without compilation.
-
-    The benchmark's one use of private torch (`torch._dynamo.utils.counters`, no public equivalent);
-    it moves to `fmstack/backends/` with the other private-torch uses."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames": int(counters["frames"]["ok"]),
-            "graph_breaks": int(sum(counters["graph_break"].values())),
-            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+    readings counts a region; all zero without compilation (Dynamo's counters, read in
+    `fmstack.backends`)."""
+    return compile_counters()
 
 
 def compile_counts_since(before: dict[str, int]) -> dict[str, int]:

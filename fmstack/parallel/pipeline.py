@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fmstack.backends import mark_dynamic
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import StaticKVCache
@@ -149,8 +150,8 @@ class PipelineModel(nn.Module):
             x = torch.empty(*tokens.shape, self.config.dim, dtype=self.dtype, device=self._device())
             dist.recv(x, src=self.rank - 1)
         if self._compiled and tokens.shape[1] > 1:  # one prefill graph for all lengths (decode: static)
-            torch._dynamo.mark_dynamic(x, 1)
-            torch._dynamo.mark_dynamic(positions, 1)
+            mark_dynamic(x, 1)
+            mark_dynamic(positions, 1)
         return x
 
     @torch.compiler.disable

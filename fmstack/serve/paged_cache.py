@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from fmstack.backends import maybe_mark_dynamic
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.models.llama import sdpa
@@ -145,7 +146,7 @@ class StepMeta:
 
     def mark_dynamic(self) -> None:
         """Mark every size dynamic for torch.compile (one graph per group layout, not per size)."""
-        mark = torch._dynamo.maybe_mark_dynamic
+        mark = maybe_mark_dynamic
         mark(self.slot_mapping, 0)
         mark(self.out_index, 0)
         for g in self.groups:

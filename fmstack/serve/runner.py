@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
+from fmstack.backends import maybe_mark_dynamic
 from fmstack.generation.sampling import sample_rows
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
@@ -86,7 +87,7 @@ class ModelRunner:
         if self.compiled:
             x.meta.mark_dynamic()
             for t, dim in ((x.tokens, 1), (x.positions, 1), (x.logit_index, 0)):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+                maybe_mark_dynamic(t, dim)
         m = x.meta
         groups = [(g.q_index, g.q_pos, g.kv_slots) for g in m.groups]
         return self._forward(x.tokens, x.positions, self.cache, m.slot_mapping, m.out_index, groups, x.logit_index)
