@@ -42,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry na
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the projections at load (weight-only; int4 is group-wise)")
+                   help="quantize the projections at load (weight-only; int4 is group-wise; default: off)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
 
 
@@ -82,9 +82,11 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft-model", default=None,
-                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round")
+                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round "
+                        "(default: none)")
     g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
-                   help="draft with a quantized copy of the target (or of --draft-model when given)")
+                   help="draft with a quantized copy of the target (or of --draft-model when given; default: "
+                        "none)")
     g.add_argument("--speculate-k", type=int, default=None,
                    help="draft tokens proposed per round, 1..16 (default 4 when a draft is set)")
 

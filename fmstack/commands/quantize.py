@@ -22,7 +22,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", required=True, choices=["int8", "int4", "gptq"],
                    help="int8 per channel, int4 group-wise round-to-nearest, or gptq (int4, calibrated)")
     p.add_argument("--group-size", type=int, default=32, help="int4/gptq group size (default 32)")
-    p.add_argument("--calib", default=None, help="gptq: calibration text (.txt) or JSONL (ctx/text fields)")
+    p.add_argument("--calib", default=None, help="gptq: calibration text (.txt) or JSONL (ctx/text fields) (default: none; gptq needs it)")
     p.add_argument("--calib-samples", type=int, default=128, help="gptq: calibration windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="gptq: tokens per window (default 256)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
