@@ -3,7 +3,8 @@ User errors print one line (`fmstack: error: ...`) and exit 2. Nothing in the li
 
 Terminal output: log records (and Python warnings, through logging) are written with `tqdm.write`,
 so a line never lands glued onto a progress bar; deprecation and future warnings raised by
-dependencies are hidden (a user cannot act on them; -v or python -W shows them), fmstack's own kept."""
+dependencies are hidden (a user cannot act on them; -v shows them, python -W decides alone), fmstack's
+own are shown."""
 
 from __future__ import annotations
 
@@ -45,15 +46,20 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_output(level: int, verbose: bool) -> None:
-    """Logging through tqdm.write at `level`; warnings through logging; dependencies' deprecations hidden."""
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[TqdmHandler()])
-    logging.captureWarnings(True)
-    if verbose or sys.warnoptions:  # -v or python -W...: the user asked to see them
+def hide_dependency_warnings(verbose: bool) -> None:
+    """Deprecation/future warnings from dependencies hidden (shown with -v), fmstack's own shown;
+    python -W / PYTHONWARNINGS, when given, decide alone."""
+    if sys.warnoptions:
         return
     for category in DEPENDENCY_WARNINGS:
-        warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("default" if verbose else "ignore", category=category)
         warnings.filterwarnings("default", category=category, module=r"fmstack(\.|$)")
+
+
+def setup_logging(level: int) -> None:
+    """Records (and warnings, through logging) to stderr with tqdm.write, at `level`."""
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[TqdmHandler()])
+    logging.captureWarnings(True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    hide_dependency_warnings(verbose=bool({"-v", "--verbose"} & set(argv)))  # before the commands' imports
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     parallel = getattr(args, "parallel", "none") not in (None, "none")
     prog = "fmstack"
     if parallel:  # torchrun: rank 0 alone prints; the others log warnings and errors only
         prog, level = dist.setup_rank_output(prog, level)
-    setup_output(level, args.verbose)
+    setup_logging(level)
     try:
         rc = args.run(args)
         if parallel:

@@ -219,8 +219,9 @@ def test_save_checkpoint_honours_the_umask(tmp_path):
 
 def test_dependency_deprecations_are_hidden_fmstack_warnings_kept():
     code = ("import logging, warnings\n"
-            "from fmstack.cli import setup_output\n"
-            "setup_output(logging.INFO, verbose=False)\n"
+            "from fmstack.cli import hide_dependency_warnings, setup_logging\n"
+            "hide_dependency_warnings(verbose=False)\n"
+            "setup_logging(logging.INFO)\n"
             "warnings.warn_explicit('old dependency api', DeprecationWarning, 'dep.py', 1, module='somedep')\n"
             "warnings.warn_explicit('future dependency api', FutureWarning, 'dep.py', 2, module='somedep.x')\n"
             "warnings.warn_explicit('old fmstack option', FutureWarning, 'l.py', 3, module='fmstack.loading')\n"
