@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry na
 
     Commands differ only through the parameters: the dtypes they accept (finetune trains fp32 or bf16),
     the parallel modes they offer, and what their --compile compiles."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
+    add_model_name_arg(p, model_help)
     p.add_argument("--dtype", default="fp32", choices=list(dtypes), help=f"{dtype_help} (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=compile_help)
@@ -38,6 +38,11 @@ def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry na
         p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
                        help="restrict scaled_dot_product_attention to one backend (default auto)")
         add_quant_args(p)
+
+
+def add_model_name_arg(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model alone (for commands that load the model their own way, e.g. quantize)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
