@@ -185,21 +185,61 @@ def test_eval_json_names_the_model_as_given(tiny_tok_dir, tmp_path, capsys):
 BAR = re.compile(r"finetune:\s+\d+%\|")
 
 
+def _run_on_terminal(cmd: list[str], umask: int) -> tuple[int, str]:
+    """Run `cmd` with stderr on a 120-column pseudo-terminal (so tqdm draws as for a person) -> (rc, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, term_fd = pty.openpty()
+    fcntl.ioctl(term_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=term_fd, umask=umask)
+    os.close(term_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 1 << 16)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main_fd)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: \\r returns to the line's start and overwrites it."""
+    lines, line, col = [], [], 0
+    for ch in text:
+        if ch == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif ch == "\r":
+            col = 0
+        else:
+            line[col:col + 1] = [ch]
+            col += 1
+    return [*lines, "".join(line).rstrip()]
+
+
 def test_finetune_logs_are_not_glued_to_the_progress_bar(tiny_tok_dir, tmp_path):
-    """A short finetune's stderr, cut at every \\r and \\n: no piece holds both a bar and a log record.
-    Also the saved weights get the mode open() would give under the process's umask (0640 for 027)."""
+    """A short finetune on a terminal: cut at every \\r and \\n, no piece holds both a bar and a log
+    record, and the screen shows the finished bar once. The saved weights get the mode open() would
+    give under the process's umask (0640 for 027)."""
     data = tmp_path / "d.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "ft"
-    proc = subprocess.run([sys.executable, "-m", "fmstack", "finetune", "--model", str(tiny_tok_dir), "--data",
-                           str(data), "--out", str(out), "--steps", "3", "--seq-len", "32", "--lora-rank", "2",
-                           "--no-compile"], capture_output=True, text=True, timeout=300, umask=0o027)
-    assert proc.returncode == 0, proc.stderr
-    pieces = [p for p in re.split(r"[\r\n]", proc.stderr) if p.strip()]
-    assert any(BAR.search(p) for p in pieces), proc.stderr
-    glued = [p for p in pieces if BAR.search(p) and re.search(r"fmstack[.\w]*: ", p)]
-    assert glued == []
-    assert any(p.startswith("fmstack.train.loop: saved resume state at step 3") for p in pieces), proc.stderr
+    rc, err = _run_on_terminal([sys.executable, "-m", "fmstack", "finetune", "--model", str(tiny_tok_dir), "--data",
+                                str(data), "--out", str(out), "--steps", "3", "--seq-len", "32", "--lora-rank", "2",
+                                "--no-compile"], umask=0o027)
+    assert rc == 0, err
+    pieces = [p for p in re.split(r"[\r\n]", err) if p.strip()]
+    assert [p for p in pieces if BAR.search(p) and re.search(r"fmstack[.\w]*: ", p)] == []
+    screen = _screen(err)
+    assert sum(1 for line in screen if BAR.search(line)) == 1, "\n".join(screen)
+    assert any(line.startswith("fmstack.train.loop: saved resume state at step 3") for line in screen), err
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
 
 
