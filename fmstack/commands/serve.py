@@ -26,7 +26,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "else none)")
     p.add_argument("--metrics-no-auth", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 30)")
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 30.0)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: --model)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default 32)")

@@ -30,7 +30,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, allowed: str) -> ParameterError:
-            return ParameterError(f"{name}={value!r} is invalid: {allowed}")
+            return ParameterError(f"{name}={value!r} is invalid: {allowed}", field=name, value=value, allowed=allowed)
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 0")
