@@ -141,7 +141,7 @@ def test_every_option_help_states_its_default():
 @pytest.mark.parametrize("option, value, message", [
     ("--max-new-tokens", "-1", "--max-new-tokens -1 is invalid: must be an integer >= 0"),
     ("--temperature", "-0.5", "--temperature -0.5 is invalid: must be a finite number >= 0"),
-    ("--top-k", "-2", "--top-k -2 is invalid: must be an integer >= 0"),
+    ("--top-k", "-2", "--top-k -2 is invalid: must be an integer in [0, 2**63) (0 disables top-k)"),
 ])
 def test_sampling_errors_name_the_option(option, value, message, capsys):
     from fmstack.cli import main
