@@ -31,9 +31,10 @@ class ShuttingDown(Exception):
 
 def engine_failure(state: ServerState, out: RequestOutput) -> str | None:
     """Why the engine failed this request, or None if it did not. The one place that recognises an
-    engine failure (today: an abort while `engine.error` is set)."""
-    if out.finish_reason == "abort" and state.engine.error is not None:
-        return f"the engine failed: {state.engine.error}"
+    engine failure: the engine sets `RequestOutput.error` on the requests whose step raised (only
+    those; the others go on), and on every request when it died (then `engine.error` is set too)."""
+    if out.error is not None:
+        return f"the engine failed this request: {ascii(out.error)[1:-1][:300]}; request id {out.request_id}"
     return None
 
 
