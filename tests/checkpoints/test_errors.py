@@ -2,7 +2,6 @@
 
 import copy
 import json
-import pathlib
 import shutil
 
 import gguf
@@ -14,6 +13,8 @@ from fmstack.checkpoints import load_weights, open_checkpoint, read_gguf_metadat
 from fmstack.errors import CheckpointError, ConfigError, FmstackError
 from fmstack.models.llama import Transformer
 
+from tests.helpers import TouchOnUnpickle
+
 from .conftest import write_gguf, write_meta
 
 
@@ -24,7 +25,12 @@ def _error(path, *match, kind=FmstackError):
         with torch.device("meta"):
             model = Transformer(ckpt.config)
         load_weights(model.to_empty(device="cpu"), ckpt)
-    msg = str(info.value)
+    return _one_line(info.value, match)
+
+
+def _one_line(error, match):
+    """The error's message: one line, containing every string of `match`."""
+    msg = str(error)
     assert "\n" not in msg, msg
     for m in match:
         assert m in msg, msg
@@ -193,23 +199,13 @@ def test_gguf_unsupported_quant_type_at_load(hf_models, tmp_path, monkeypatch):
 
 
 # -- unsafe pickles: refused by torch.load(weights_only=True), never run -----------------------------
-class _Payload:
-    """Unpickling this calls Path.touch(marker): the stand-in for a malicious checkpoint's code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
-
-
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_meta_unsafe_pickle_is_refused_and_not_run(hf_models, tmp_path, zip_format):
     d = write_meta(hf_models["mha-untied"], tmp_path / "meta")
     f = d / "consolidated.00.pth"
     marker = tmp_path / "payload-ran"
     state = torch.load(f, weights_only=True)
-    state["extra"] = _Payload(marker)
+    state["extra"] = TouchOnUnpickle(marker)
     torch.save(state, f, _use_new_zipfile_serialization=zip_format)
     torch.load(f, weights_only=False)  # the payload is live: an unrestricted load runs it
     assert marker.exists()
@@ -259,19 +255,14 @@ def _native_error(native_dirs, tmp_path, mode, edit_config=None, drop=None, *mat
     shutil.copytree(native_dirs[mode], d)
     if edit_config is not None:
         cfg = d / "config.json"
-        text = edit_config(json.loads(cfg.read_text()))
-        cfg.write_text(text if isinstance(text, str) else json.dumps(text))
+        cfg.write_text(json.dumps(edit_config(json.loads(cfg.read_text()))))
     if drop is not None:
         tensors = load_file(str(d / "model.safetensors"))
         del tensors[drop]
         save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError) as info:
         load_model(str(d))
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for m in match:
-        assert m in msg, msg
-    return msg
+    return _one_line(info.value, match)
 
 
 def _set(path, value):

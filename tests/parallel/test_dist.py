@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import sys
 
 import pytest
@@ -14,12 +13,7 @@ import torch.distributed as tdist
 
 from fmstack.errors import FmstackError
 from fmstack.parallel import dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def _as_rank(monkeypatch, rank: int, world: int = 2) -> None:
@@ -31,7 +25,7 @@ def test_init_distributed_touches_no_rng_or_stdout(monkeypatch):
     """A one-rank gloo job: joining leaves torch's default RNG and sys.stdout as they were."""
     _as_rank(monkeypatch, 0, world=1)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.manual_seed(1234)
     before, stdout = torch.get_rng_state(), sys.stdout
     try:

@@ -245,14 +245,11 @@ def test_default_model_hellaswag_matches_single_process(smollm2_gguf):
 def one_rank_group(monkeypatch):
     """A one-process gloo group (P2POp needs a default group; the ring's peers 0 and 2 are not in
     it, so a send or receive posted outside the faked batch fails)."""
-    import socket
-
     import torch.distributed as tdist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from tests.helpers import free_port
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     tdist.destroy_process_group()
 

@@ -4,24 +4,13 @@ unsafe pickle in it is never run."""
 
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 import torch
 
 from fmstack.errors import FmstackError
 from fmstack.train.loop import STATE_FILE
+from tests.helpers import TouchOnUnpickle
 from tests.train.test_loop import trainer
-
-
-class _Payload:
-    """Unpickling this calls Path.touch(marker): the stand-in for a malicious file's code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def test_unreadable_state(saved, tmp_path, damage):
 def test_unsafe_state_is_refused_and_not_run(saved, tmp_path, zip_format):
     path, state = tmp_path / STATE_FILE, dict(saved[1])
     marker = tmp_path / "payload-ran"
-    state["extra"] = _Payload(marker)
+    state["extra"] = TouchOnUnpickle(marker)
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     msg = _resume_error(path, "refused to load as unsafe", "weights_only=True")
     assert "corrupt" not in msg and not marker.exists()
