@@ -88,6 +88,8 @@ def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = Non
         if cuda.flash_sdp_enabled() and usable:
             return "flash (cpu)"
         return "math" if cuda.math_sdp_enabled() else "none"
+    if mask is not None and mask.dtype == torch.bool:  # as SDPA does before it chooses: an additive mask
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
     params = cuda.SDPAParams(q, k, v, mask, 0.0, is_causal, gqa)
     checks = [("flash", cuda.flash_sdp_enabled, cuda.can_use_flash_attention),
               ("efficient", cuda.mem_efficient_sdp_enabled, cuda.can_use_efficient_attention),
