@@ -99,3 +99,20 @@ def test_flash_with_masked_cache_is_refused_on_cuda():
         sdpa_backends("flash", torch.device("cuda"), masked=True)
     assert sdpa_backends("flash", torch.device("cuda")) == [SDPBackend.FLASH_ATTENTION]  # unmasked callers
     assert sdpa_backends("flash", torch.device("cpu"), masked=True) == [SDPBackend.FLASH_ATTENTION]  # CPU flash masks
+
+
+def test_folded_masked_gqa_copies_no_kv_under_the_math_backend():
+    """The point of folding: even the math backend runs on the kv heads as they are, where a masked
+    `enable_gqa` call expands K/V per query head (`repeat_interleave`) at every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, mask = qkv_mask(2, 8, 2, 1, 64)
+
+    def ops(fn) -> set[str]:
+        with sdpa_kernel([SDPBackend.MATH]), profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.key for e in prof.key_averages()}
+
+    assert "aten::repeat_interleave" in ops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                   enable_gqa=True))
+    assert "aten::repeat_interleave" not in ops(lambda: sdpa(q, k, v, mask))
