@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parallel = getattr(args, "parallel", "none") not in (None, "none")
     prog = "fmstack"
     if parallel:  # torchrun: rank 0 alone prints; the others log warnings and errors only
-        prog, level = dist.setup_rank_output(prog, level)
+        prog, level = dist.rank_output_settings(prog, level)
+        dist.silence_other_ranks()  # process-wide: sys.stdout -> /dev/null on ranks other than 0
+        dist.report_launcher_stop(prog)  # process-wide: SIGTERM handler (undone in `finally` below)
     setup_logging(level)
     try:
         rc = args.run(args)

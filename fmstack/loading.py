@@ -86,6 +86,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     if parallel in (None, "none"):
         return _load(spec, device, dtype, seed, quantize, group_size)
     info = dist.init_distributed(parse_device(device) if isinstance(device, str) else device)
+    dist.seed_ranks_alike()  # process-wide: same default RNG on every rank, so unseeded sampling agrees
     loaded, error = None, None
     try:
         plan = make_plan(parallel, info)

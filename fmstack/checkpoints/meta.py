@@ -7,7 +7,6 @@ interleaved RoPE layout to rotate-half, one tensor at a time."""
 from __future__ import annotations
 
 import logging
-import pickle
 import zipfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fmstack.checkpoints.base import Checkpoint, TensorStream, expected_shapes
+from fmstack.checkpoints.torchfile import UnsafePickleError, load_torch_file
 from fmstack.config import from_meta_params, read_json
 from fmstack.errors import CheckpointError
 
@@ -42,15 +42,18 @@ def detect(path: Path) -> bool:
 
 
 def _load(file: Path) -> dict[str, Tensor]:
-    """Memory-mapped state dict of one shard (no tensor data read yet)."""
+    """Memory-mapped state dict of one shard (no tensor data read yet). Refuses unsafe pickles
+    (see `torchfile`) in both torch.save formats; the legacy format cannot be memory-mapped."""
     if not zipfile.is_zipfile(file):  # truncation loses the zip's central directory at the end
+        try:  # only to tell an unsafe pickle apart: this reads a legacy file whole (an error path)
+            load_torch_file(file)
+        except UnsafePickleError:
+            raise
+        except CheckpointError:
+            pass
         raise CheckpointError(f"{file}: not a zip-format PyTorch checkpoint (truncated, corrupt, or saved "
                               "with the legacy torch.save format, which cannot be memory-mapped)")
-    try:
-        return torch.load(file, weights_only=True, mmap=True, map_location="cpu")
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        msg = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise CheckpointError(f"{file}: cannot load PyTorch checkpoint (truncated or corrupt: {msg})") from None
+    return load_torch_file(file, mmap=True)
 
 
 def _merge(name: str, parts: list[Tensor], expected: tuple[int, ...] | None, file: Path) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fmstack.checkpoints.base import Checkpoint, TensorStream, float_targets
 from fmstack.config import ModelConfig
 from fmstack.errors import CheckpointError, ConfigError, ParameterError
-from fmstack.quant import QuantSpec, spec_of
+from fmstack.quant import MODES, QuantSpec, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +76,56 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer=None,
     return d
 
 
-def _quant_spec(raw: dict[str, Any], path: Path) -> QuantSpec | None:
-    """The `quantization` entry of config.json as a QuantSpec (None: a float checkpoint)."""
-    q = raw.get("quantization")
-    if q is None:
-        return None
+def _read_config(path: Path) -> tuple[dict[str, Any], ModelConfig, QuantSpec | None]:
+    """config.json -> (raw dict, model config, quantization scheme or None for a float checkpoint);
+    CheckpointError naming config.json and what is wrong with it."""
+    cfg = path / "config.json"
     try:
-        return QuantSpec(q["mode"], q.get("group_size") or 32)
-    except (KeyError, TypeError, AttributeError, ParameterError) as e:
-        raise CheckpointError(f"{path}/config.json: quantization {q!r} is not valid ({e}); expected "
-                              '{"mode": "int8" | "int4" | "gptq", "group_size": 32 | 64 | 128 | 256 | null}') from None
-
-
-def open_native(path: Path) -> Checkpoint:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object, found {type(raw).__name__}")
     try:
-        raw: dict[str, Any] = json.loads((path / "config.json").read_text())
         config = ModelConfig.from_dict(raw["model"])
-    except (KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{path}/config.json: not a valid fmstack config ({e})") from None
-    quant = _quant_spec(raw, path)
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{cfg}: not a valid fmstack config ({e})") from None
     if raw.get("format_version") != VERSION:
         raise CheckpointError(f"{path}: fmstack format version {raw.get('format_version')} is not supported "
                               f"(this fmstack reads version {VERSION})")
+    quant = raw.get("quantization")
+    if quant is None:
+        return raw, config, None
+    try:
+        return raw, config, QuantSpec(quant["mode"], quant.get("group_size") or 32)
+    except (TypeError, KeyError, AttributeError, ParameterError) as e:
+        why = str(e) if isinstance(e, ParameterError) else 'expected an object {"mode": ..., "group_size": ...}'
+        raise CheckpointError(f"{cfg}: unknown or unsupported quantization {json.dumps(quant)} ({why}); "
+                              f"this fmstack reads modes {', '.join(MODES)}") from None
+
+
+def _check_quantized(weights: Path, module: str, found: dict[str, Tensor], mode: str) -> None:
+    """The portable tensors of one projection are complete and of the mode's layout (see
+    quant/linear.py): int8 `qweight` int8 `[out, in]` + `scales [out]`; int4 (and gptq) `qweight`
+    uint8 `[out, in/2]` + `scales`, `zeros` `[out, in/group]`."""
+    int8 = mode == "int8"
+    need = ("qweight", "scales") if int8 else QUANT_KEYS
+    missing = [f"{module}.{k}" for k in need if k not in found]
+    if missing:
+        raise CheckpointError(f"{weights}: missing quantized tensors for {module}: {', '.join(missing)} "
+                              f"(mode {mode} stores {', '.join(need)} per projection)")
+    q, scales = found["qweight"], found["scales"]
+    want = torch.int8 if int8 else torch.uint8
+    if q.dtype != want or q.dim() != 2 or scales.shape[:1] != q.shape[:1] or scales.dim() != (1 if int8 else 2) \
+            or (not int8 and found["zeros"].shape != scales.shape):
+        shapes = ", ".join(f"{k} {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" for k, t in found.items())
+        raise CheckpointError(f"{weights}: quantized tensors for {module} ({shapes}) do not fit the {mode} "
+                              f"layout of config.json (qweight {str(want).removeprefix('torch.')} "
+                              f"[out, {'in' if int8 else 'in/2'}], scales [out{'' if int8 else ', groups'}])")
+
+
+def open_native(path: Path) -> Checkpoint:
+    raw, config, quant = _read_config(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS}")
@@ -116,11 +144,10 @@ def open_native(path: Path) -> Checkpoint:
 
     def quant_tensors(module: str) -> dict[str, Tensor]:
         found = {k: handle.get_tensor(f"{module}.{k}") for k in QUANT_KEYS if f"{module}.{k}" in keys}
-        if "qweight" not in found:
-            raise CheckpointError(f"{weights}: missing quantized tensors for {module}")
+        _check_quantized(weights, module, found, quant.mode)
         return found
 
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     return Checkpoint(path=path, format=FORMAT, config=config, tensors=tensors,
-                      tokenizer_path=path if has_tok else None, metadata={"config": raw}, quant=quant,
-                      quant_tensors=quant_tensors if quant is not None else None)
+                      tokenizer_path=path if has_tok else None, metadata={"config": raw},
+                      quant=quant, quant_tensors=quant_tensors if quant is not None else None)

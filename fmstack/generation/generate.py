@@ -29,14 +29,19 @@ SDPA_BACKENDS = {
 CPU_SDPA_BACKENDS = ("math", "flash")
 
 
-def sdpa_backends(name: str, device: torch.device) -> list[SDPBackend]:
-    """`--sdpa-backend` -> the backends `sdpa_kernel` may pick from ('auto': all of them)."""
+def sdpa_backends(name: str, device: torch.device, masked: bool = False) -> list[SDPBackend]:
+    """`--sdpa-backend` -> the backends `sdpa_kernel` may pick from ('auto': all of them). `masked`:
+    the attention passes a mask (every KV cache does), which CUDA's flash kernel cannot take."""
     if name == "auto":
         return list(SDPA_BACKENDS.values())
     if name not in SDPA_BACKENDS:
         raise ParameterError(f"sdpa backend {name!r} is unknown; choose auto, {', '.join(SDPA_BACKENDS)}")
     if device.type == "cpu" and name not in CPU_SDPA_BACKENDS:
         raise ParameterError(f"sdpa backend {name!r} needs CUDA; on CPU choose auto, math or flash")
+    if masked and name == "flash" and device.type == "cuda":
+        raise ParameterError("--sdpa-backend flash cannot attend through the KV cache on CUDA: the cache masks "
+                             "padding and unwritten slots and CUDA's flash kernel takes no mask; choose auto, "
+                             "efficient, cudnn or math")
     return [SDPA_BACKENDS[name]]
 
 log = logging.getLogger(__name__)
@@ -93,7 +98,7 @@ class Generator:
         # Floating-point dtype of the cache: the activation dtype (int8 weights still run fp activations).
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
-        self.sdpa_backends = sdpa_backends(sdpa_backend, self.device)
+        self.sdpa_backends = sdpa_backends(sdpa_backend, self.device, masked=True)  # the cache masks
         if compile and not model.compiles_whole:  # a StagedCausalLM: its communication cannot be
             model.compile_stage()  # traced, so it compiles its own layers instead
             compile = False

@@ -1,10 +1,14 @@
-"""Static (preallocated, contiguous) KV cache for generation.
+"""Static (preallocated, contiguous) KV cache for generation, and the buffers every KV cache shares.
 
 Layout per layer: k, v `[B, Hkv, S, D]`, S = max sequence length. Row b's token at RoPE position p
 lives in slot `p + pad[b]`: batched prompts are left-padded so that every row's next token lands in
 the same column, and `pad[b]` (its padding length) hides the padding slots from attention.
 Everything is tensor arithmetic on fixed shapes, so prefill and decode compile without graph breaks
 and decode steps never recompile.
+
+`LayerKVBuffers` (per-layer `k_i`/`v_i` buffers, `layer_kv`, `nbytes`) and `PaddedKVCache` (plus the
+per-row left padding, `reset`) are the pieces the static cache, the context-parallel `RingKVCache`
+and the serving `PagedKVCache` have in common, written once.
 """
 
 from __future__ import annotations
@@ -13,41 +17,60 @@ import torch
 from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
+from fmstack.errors import ParameterError
 from fmstack.models.llama import sdpa
 
 
-class StaticKVCache(nn.Module):
-    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 n_kv_heads: int | None = None, n_layers: int | None = None):
+class LayerKVBuffers(nn.Module):
+    """Per-layer key and value buffers `k_i`, `v_i` of one `shape` (not saved in state dicts)."""
+
+    def __init__(self, n_layers: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         super().__init__()
-        if max_seq_len > config.max_seq_len:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {config.max_seq_len}")
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        n_kv_heads = n_kv_heads or config.n_kv_heads
-        n_layers = n_layers or config.n_layers
-        shape = (batch_size, n_kv_heads, max_seq_len, config.head_dim)
+        self.n_layers = n_layers
         for i in range(n_layers):
             self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("pad", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
-        self.n_layers = n_layers
 
     def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all buffers (K/V and any bookkeeping buffers a subclass adds)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class PaddedKVCache(LayerKVBuffers):
+    """`LayerKVBuffers` for `batch_size` rows of up to `max_seq_len` tokens, with `pad [B]`: row b's
+    left-padding length, set by `reset` when new sequences start."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, shape: tuple[int, ...],
+                 n_layers: int, dtype: torch.dtype, device: torch.device | str):
+        if max_seq_len > config.max_seq_len:
+            raise ParameterError(f"max_seq_len={max_seq_len} exceeds the model's context length {config.max_seq_len}")
+        super().__init__(n_layers, shape, dtype, device)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.register_buffer("pad", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+
     @torch.no_grad()
     def reset(self, pad: Tensor | None = None) -> None:
-        """Start new sequences: `pad[b]` left-padding slots for row b (zeros if None). The old K/V need
-        no clearing: slots not yet written are masked out."""
+        """Start new sequences: `pad[b]` left-padding slots for row b (zeros if None)."""
         if pad is None:
             self.pad.zero_()
         else:
             self.pad.copy_(pad)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+class StaticKVCache(PaddedKVCache):
+    """k, v `[B, Hkv, S, D]` per layer (see the module docstring). `reset` needs no clearing of the
+    old K/V: slots not yet written are masked out."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 n_kv_heads: int | None = None, n_layers: int | None = None):
+        shape = (batch_size, n_kv_heads or config.n_kv_heads, max_seq_len, config.head_dim)
+        super().__init__(config, batch_size, max_seq_len, shape, n_layers or config.n_layers, dtype, device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k/v `[B, Hkv, T, D]` at slots `positions + pad`, then attend q over the whole cache."""

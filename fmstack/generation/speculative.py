@@ -112,7 +112,6 @@ class SpeculativeGenerator:
         first = pick(probs(tgt.logits(prompt_t, pos(0, n), ct)[0, -1:])[0])
         dft.logits(prompt_t, pos(0, n), cd)
         t_first = time.perf_counter()
-        emitted: list[int] = []
         last, last_pos = first, n  # newest committed token and its position (not yet in either cache)
         draft_pending = [first]  # tokens the draft cache still lacks, ending with `last`
         new_tokens = [first]

@@ -28,10 +28,77 @@ class AttentionCache(Protocol):
         ...
 
 
+def fold_gqa(q: Tensor, n_kv_heads: int) -> Tensor:
+    """q `[B, H, T, D]` -> `[B, Hkv, G*T, D]`, G = H/Hkv: the G query heads that share a kv head become
+    one longer query (row g*T + t is head hkv*G + g, token t). Attention rows are independent, so
+    attending the folded query over k/v `[B, Hkv, S, D]` gives the same numbers as GQA."""
+    B, H, T, D = q.shape
+    return q.reshape(B, n_kv_heads, (H // n_kv_heads) * T, D)
+
+
+def unfold_gqa(out: Tensor, n_heads: int) -> Tensor:
+    """Inverse of `fold_gqa` for outputs `[B, Hkv, G*T, ...]` -> `[B, H, T, ...]` (any trailing dims)."""
+    B, Hkv, GT = out.shape[:3]
+    G = n_heads // Hkv
+    return out.reshape(B, n_heads, GT // G, *out.shape[3:])
+
+
+def fold_gqa_mask(mask: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
+    """A mask broadcastable to `[B, H, T, S]` -> one broadcastable to `[B, Hkv, G*T, S]`, matching
+    `fold_gqa`. A mask shared by all heads (head dim 1) is repeated over the G groups (a view for T=1)."""
+    G = n_heads // n_kv_heads
+    mask = mask if mask.dim() == 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    Bm, Hm, T, S = mask.shape
+    if Hm == 1:
+        return mask[:, :, None].expand(Bm, 1, G, T, S).reshape(Bm, 1, G * T, S)
+    return mask.expand(Bm, n_heads, T, S).reshape(Bm, n_kv_heads, G * T, S)
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """scaled_dot_product_attention with grouped-query heads (k/v have H/Hkv times fewer heads)."""
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    """scaled_dot_product_attention with grouped-query heads (k/v have H/Hkv times fewer heads).
+
+    Masked GQA calls fold the query groups into the query length (`fold_gqa`) instead of passing
+    `enable_gqa`: CUDA's flash kernel takes no mask and (torch 2.11) the efficient kernel has no GQA,
+    so a masked `enable_gqa` call fell to the math backend, which copies K/V with `repeat_interleave`
+    in every layer at every decode step. Folded, the efficient (or cuDNN) kernel runs it on the
+    kv heads as they are. Unmasked calls (plain causal) keep `enable_gqa`: a causal mask over the
+    folded length would be wrong, and flash supports GQA."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if H == Hkv or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != Hkv)
+    if is_causal:
+        raise ValueError("sdpa: pass either a mask or is_causal, not both")
+    out = F.scaled_dot_product_attention(fold_gqa(q, Hkv), k, v, attn_mask=fold_gqa_mask(mask, H, Hkv))
+    return unfold_gqa(out, H)
+
+
+def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> str:
+    """The SDPA backend that `sdpa(q, k, v, mask, is_causal)` would run now (under the enabled
+    `sdpa_kernel` backends): 'flash' | 'efficient' | 'math' | 'cudnn' on CUDA, 'flash (cpu)' | 'math'
+    on CPU. CUDA asks torch's own checks (`can_use_*_attention`) on the arguments `sdpa` passes, in
+    torch's default priority order (flash, efficient, math, cudnn); benchmarks record it with
+    their results. 'none' when no enabled backend can run them."""
+    H, Hkv = q.shape[1], k.shape[1]
+    gqa = H != Hkv
+    if gqa and mask is not None:
+        q, mask, gqa = fold_gqa(q, Hkv), fold_gqa_mask(mask, H, Hkv), False
+    cuda = torch.backends.cuda
+    if q.device.type != "cuda":
+        usable = q.dim() == 4 and q.dtype == k.dtype == v.dtype and q.is_floating_point()
+        if cuda.flash_sdp_enabled() and usable:
+            return "flash (cpu)"
+        return "math" if cuda.math_sdp_enabled() else "none"
+    if mask is not None and mask.dtype == torch.bool:  # as SDPA does before it chooses: an additive mask
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+    params = cuda.SDPAParams(q, k, v, mask, 0.0, is_causal, gqa)
+    checks = [("flash", cuda.flash_sdp_enabled, cuda.can_use_flash_attention),
+              ("efficient", cuda.mem_efficient_sdp_enabled, cuda.can_use_efficient_attention),
+              ("math", cuda.math_sdp_enabled, lambda _p: True),
+              ("cudnn", cuda.cudnn_sdp_enabled, cuda.can_use_cudnn_attention)]
+    for name, enabled, can_use in checks:
+        if enabled() and can_use(params):
+            return name
+    return "none"
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:

@@ -1,17 +1,29 @@
 """Process groups under torchrun: gloo on CPU, NCCL on CUDA; rank-0-only output; bounded waits.
 
-Every collective has a timeout (`FMSTACK_DIST_TIMEOUT_S`, default 120 s), so a rank that dies or
+Every collective has a timeout (`FMSTACK_DIST_TIMEOUT_S`, default 600 s), so a rank that dies or
 fails makes the others fail with an error instead of hanging; `fail_together` turns a user error on
 any one rank into the same clear error on rank 0. A rank that exits makes gloo fail the others'
 pending send/recv/collectives at once (connection closed), and torchrun stops the remaining ranks
-(SIGTERM, reported as one error line); a rank that stalls makes them time out. On NCCL the
-watchdog aborts the stalled collective after the same timeout. `fault_point` is the test hook.
+(SIGTERM, reported as one error line): that does not wait for the timeout. Only a rank that stalls
+makes the others wait it out; on NCCL the watchdog aborts the stalled collective after it.
+
+Why 600 s: a collective also waits while a peer compiles. A pipeline stage's `--compile` graphs
+are built inside its first forward, while the next stage already waits in its first recv; a cold
+compile of the default 135M model alone measured 102 s on CPU (README, `fmstack generate
+--compile`), 18 s short of the former 120 s default, and a stage of a larger model on a GPU
+(reduce-overhead, CUDA graphs) takes several times that. Lower it (tests use 10 s) to find a stall
+sooner. `fault_point` is the test hook.
+
+Process-wide side effects are separate, named functions that the entry point calls explicitly:
+`seed_ranks_alike` (the default torch RNG), `silence_other_ranks` (replaces `sys.stdout` on ranks
+other than 0) and `report_launcher_stop` (a SIGTERM handler); `init_distributed` only joins the job.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import signal
 import sys
@@ -25,7 +37,7 @@ from fmstack.errors import FmstackError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 120
+DEFAULT_TIMEOUT_S = 600  # see the module docstring: long enough for a peer's cold compile
 
 
 @dataclass(frozen=True)
@@ -35,21 +47,29 @@ class DistInfo:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def timeout_s() -> float:
-    return float(os.environ.get("FMSTACK_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    """`FMSTACK_DIST_TIMEOUT_S` (seconds, > 0), default `DEFAULT_TIMEOUT_S`."""
+    raw = os.environ.get("FMSTACK_DIST_TIMEOUT_S")
+    if raw is None:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise FmstackError(f"FMSTACK_DIST_TIMEOUT_S={raw!r}: expected a positive number of seconds "
+                           f"(default {DEFAULT_TIMEOUT_S})")
+    return value
 
 
 def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
-    """Join the torchrun job (idempotent). CUDA ranks use cuda:LOCAL_RANK and NCCL, CPU ranks gloo."""
+    """Join the torchrun job (idempotent). CUDA ranks use cuda:LOCAL_RANK and NCCL, CPU ranks gloo.
+    Touches no other process state (no seeding, no output redirection: see the module docstring)."""
     if not launched_by_torchrun():
         raise FmstackError("--parallel needs several processes: launch with "
                            "`torchrun --standalone --nproc-per-node N -m fmstack ...`")
@@ -63,8 +83,18 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()),
                                 **({"device_id": device} if device.type == "cuda" else {}))
-    torch.manual_seed(0)  # identical default RNG on every rank: unseeded sampling agrees across ranks
     return DistInfo(rank, world, local_rank, device)
+
+
+def seed_ranks_alike(seed: int = 0) -> None:
+    """Seed torch's default RNG with the same value on every rank, so code that samples without its
+    own generator draws the same numbers everywhere (ranks must agree on sampled tokens)."""
+    torch.manual_seed(seed)
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of `group`'s member `rank` (point-to-point ops and `src=` take global ranks)."""
+    return rank if group is None or group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
 def fail_together(error: BaseException | None) -> None:
@@ -118,23 +148,40 @@ def fault_point(point: str) -> None:
     raise ParameterError(f"FMSTACK_TEST_FAULT: injected bad argument on rank {rank}")
 
 
-def setup_rank_output(prog: str, level: int) -> tuple[str, int]:
-    """Under torchrun, ranks other than 0 get no stdout and log at WARNING or above; their error
-    lines are tagged with the rank; SIGTERM from torchrun (another rank failed) prints one error
-    line. Returns (error prefix, log level)."""
-    rank = int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
-    if rank != 0:
+def launcher_rank() -> int:
+    """This process's rank under torchrun (from the environment, before any process group); 0 otherwise."""
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
+def rank_output_settings(prog: str, level: int) -> tuple[str, int]:
+    """(error prefix, log level) for this rank: ranks other than 0 tag their error lines with the
+    rank and log at WARNING or above. Pure: changes nothing."""
+    rank = launcher_rank()
+    if rank == 0:
+        return prog, level
+    return f"{prog} (rank {rank})", max(level, logging.WARNING)
+
+
+def silence_other_ranks() -> None:
+    """Process-wide: on ranks other than 0, replace `sys.stdout` with /dev/null and disable tqdm
+    progress bars (TQDM_DISABLE), so a command's output is printed once, by rank 0."""
+    if launcher_rank() != 0:
         sys.stdout = open(os.devnull, "w")
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars (stderr) from rank 0 only
-        prog, level = f"{prog} (rank {rank})", max(level, logging.WARNING)
-    if launched_by_torchrun():  # torchrun stops the other ranks with SIGTERM when one fails
-        def stopped(_sig, _frame):
-            sys.stderr.write(f"{prog}: error: stopped by the launcher because another rank failed "
-                             "(see its error above and torchrun's report)\n")
-            sys.stderr.flush()
-            os._exit(143)
-        signal.signal(signal.SIGTERM, stopped)
-    return prog, level
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def report_launcher_stop(prog: str) -> None:
+    """Process-wide, under torchrun: install a SIGTERM handler that prints one error line and exits
+    143 (torchrun stops the other ranks with SIGTERM when one fails). Undo with `restore_sigterm`."""
+    if not launched_by_torchrun():
+        return
+
+    def stopped(_sig, _frame):
+        sys.stderr.write(f"{prog}: error: stopped by the launcher because another rank failed "
+                         "(see its error above and torchrun's report)\n")
+        sys.stderr.flush()
+        os._exit(143)
+    signal.signal(signal.SIGTERM, stopped)
 
 
 def restore_sigterm() -> None:

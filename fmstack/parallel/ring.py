@@ -34,11 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fmstack.backends import cpu_flash_attention
 from fmstack.config import ModelConfig
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.generation.kv_cache import PaddedKVCache
 from fmstack.models.build import build_model
-from fmstack.models.llama import Transformer
-from fmstack.parallel.dist import DistInfo, fault_point
+from fmstack.models.llama import Transformer, fold_gqa, unfold_gqa
+from fmstack.parallel.dist import DistInfo, fault_point, global_rank
 from fmstack.parallel.plan import WholeTensors, chunk
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,6 @@ SCORE_CHUNK_ELEMS = 1 << 24  # fp32 attention scores per query chunk (64 MiB)
 
 
 # -- online softmax -------------------------------------------------------------------------------
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
 def partial_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                       causal: bool = False) -> tuple[Tensor, Tensor]:
     """Softmax attention of q `[B, H, Tq, D]` over one block k/v `[B, Hkv, Tk, D]` (GQA: query head h
@@ -64,14 +63,13 @@ def partial_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         return (q.new_zeros(B, H, Tq, D, dtype=torch.float32),
                 q.new_full((B, H, Tq), -math.inf, dtype=torch.float32))
     G = H // Hkv
-    if mask is None and q.device.type == "cpu" and _CPU_FLASH is not None:
+    if mask is None and q.device.type == "cpu":  # the fused CPU flash kernel (fmstack.backends)
         qf, kf, vf = q.float(), k.float(), v.float()
         if causal:  # kv heads repeated for the kernel
-            out, lse = _CPU_FLASH(qf, kf.repeat_interleave(G, 1), vf.repeat_interleave(G, 1), 0.0, True)
-            return out, lse
+            return cpu_flash_attention(qf, kf.repeat_interleave(G, 1), vf.repeat_interleave(G, 1), True)
         # no mask: rows are independent, so a kv head's G query heads go in as one longer query
-        out, lse = _CPU_FLASH(qf.reshape(B, Hkv, G * Tq, D), kf, vf, 0.0, False)
-        return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
+        out, lse = cpu_flash_attention(fold_gqa(qf, Hkv), kf, vf, False)
+        return unfold_gqa(out, H), unfold_gqa(lse, H)
     if causal:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()[None, None]
     scale = 1.0 / math.sqrt(D)
@@ -150,7 +148,7 @@ class ZigZag:
 
 
 # -- the sharded KV cache --------------------------------------------------------------------------
-class RingKVCache(nn.Module):
+class RingKVCache(PaddedKVCache):
     """This rank's share of a static KV cache: k, v `[B, Hkv, C, D]` per layer, C = ceil(S/N) + 3
     slots (the zig-zag prefill shard plus every N-th decode column), and `cols [C]` (the column each
     slot holds; empty slots hold a column no query reaches). Host counters: `length` (columns
@@ -159,35 +157,18 @@ class RingKVCache(nn.Module):
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, world: int, rank: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  n_kv_heads: int | None = None):
-        super().__init__()
-        if max_seq_len > config.max_seq_len:
-            raise ParameterError(f"max_seq_len={max_seq_len} exceeds the model's context length {config.max_seq_len}")
-        self.batch_size, self.max_seq_len, self.world, self.rank = batch_size, max_seq_len, world, rank
-        self.capacity = -(-max_seq_len // world) + 3
-        shape = (batch_size, n_kv_heads or config.n_kv_heads, self.capacity, config.head_dim)
-        self.n_layers = config.n_layers
-        for i in range(config.n_layers):
-            self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        capacity = -(-max_seq_len // world) + 3
+        shape = (batch_size, n_kv_heads or config.n_kv_heads, capacity, config.head_dim)
+        super().__init__(config, batch_size, max_seq_len, shape, config.n_layers, dtype, device)
+        self.world, self.rank, self.capacity = world, rank, capacity
         self.register_buffer("cols", torch.full((self.capacity,), _NEVER, dtype=torch.long, device=device),
                              persistent=False)
-        self.register_buffer("pad", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
         self.length = self.fill = 0
-
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        return getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     @torch.no_grad()
     def reset(self, pad: Tensor | None = None) -> None:
         """Start new sequences with `pad[b]` left-padding columns for row b (zeros if None)."""
-        if pad is None:
-            self.pad.zero_()
-        else:
-            self.pad.copy_(pad)
+        super().reset(pad)
         self.cols.fill_(_NEVER)
         self.length = self.fill = 0
 
@@ -218,7 +199,7 @@ class _RingAttention:
         self.pad, self.full_mask, self.store = pad, full_mask, store
         self.send_to, self.recv_from = (rank + 1) % self.world, (rank - 1) % self.world
         self.cols = [layout.columns(r, device) for r in range(self.world)]  # every rank's columns
-        self.next, self.prev = self._peer(self.send_to), self._peer(self.recv_from)
+        self.next, self.prev = global_rank(group, self.send_to), global_rank(group, self.recv_from)
         self._masks: dict[tuple[int, int], Tensor | None] = {}  # (query chunk, key chunk) -> mask, for all layers
 
     def _mask(self, qc_id: int, kc_id: int, k_cols: Tensor, device) -> Tensor | None:
@@ -233,9 +214,6 @@ class _RingAttention:
                 self._masks[key] = visible(torch.arange(q.start, q.stop, device=device), k_cols, self.pad,
                                            self.full_mask)
         return self._masks[key]
-
-    def _peer(self, r: int) -> int:
-        return dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q `[B, H, n_r, D]`, k/v `[B, Hkv, n_r, D]` of this rank's shard -> out `[B, H, n_r, D]`."""
@@ -256,8 +234,10 @@ class _RingAttention:
             pending = None
             if step < self.world - 1:  # start moving this block on while we compute with it
                 incoming = torch.empty_like(block)
-                pending = [dist.isend(block, self.next, group=self.group),
-                           dist.irecv(incoming, self.prev, group=self.group)]
+                # send and receive posted as one batch: separate isend/irecv with the same peer (N=2)
+                # on one NCCL communicator can deadlock; gloo runs the batch as the two ops
+                pending = dist.batch_isend_irecv([dist.P2POp(dist.isend, block, self.next, self.group),
+                                                  dist.P2POp(dist.irecv, incoming, self.prev, self.group)])
             offset = 0
             for kc_id in L.chunk_ids(src):
                 kr = L.chunks[kc_id]
@@ -397,7 +377,7 @@ class ContextParallelModel(nn.Module):
         h = self.inner.hidden_states(tokens[:, cols], positions[:, cols], attn)  # [B, n_r, dim]
         if last_only:  # column T-1 ends chunk 2N-1, the last of rank 0's tokens
             last = h[:, -1:].contiguous()
-            dist.broadcast(last, src=self._global(0), group=self.group)
+            dist.broadcast(last, src=global_rank(self.group, 0), group=self.group)
             return last
         buf = h.new_zeros(B, layout.max_len, h.shape[-1])
         buf[:, :h.shape[1]] = h
@@ -407,9 +387,6 @@ class ContextParallelModel(nn.Module):
         for r in range(N):
             full[:, attn.cols[r]] = parts[r][:, :layout.shard_len(r)]
         return full
-
-    def _global(self, r: int) -> int:
-        return dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r
 
     @torch.compiler.disable
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache=None, last_only: bool = False) -> Tensor:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fmstack.errors import FmstackError, ParameterError
+from fmstack.checkpoints.torchfile import first_line, load_torch_file
+from fmstack.errors import CheckpointError, FmstackError, ParameterError
 from fmstack.models.build import build_model
 from fmstack.parallel.fsdp import apply_fsdp
 from fmstack.quant import spec_of
@@ -38,6 +39,7 @@ from fmstack.train.lora import apply_lora, has_lora, merge_lora
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+STATE_KEYS = ("model", "optimizer", "scheduler", "step", "fingerprint", "rng")  # what save_state writes
 LOG_FILE = "train_log.jsonl"
 
 
@@ -315,37 +317,53 @@ class Trainer:
         os.replace(tmp, path)
         log.info("saved resume state at step %d to %s", self.step, path)
 
-    def load_state(self, out: str | Path) -> bool:
-        """Resume from OUT/train_state.pt if it exists; False when there is none. Raises when it was
-        written by a run with different model, data, batch or LoRA settings."""
-        path = Path(out) / STATE_FILE
-        if not path.is_file():
-            return False
+    def _read_state(self, path: Path) -> dict:
+        """OUT/train_state.pt as saved by `save_state`, or a one-line FmstackError naming the file
+        and what is wrong: unreadable (truncated, corrupt), refused as unsafe, or not a state
+        written by fine-tuning (missing entries), or written by a different run."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated / foreign file
-            raise FmstackError(f"--resume: {path} is not a readable training state ({type(e).__name__}: {e})") from None
-        mine, saved = self._fingerprint(), state.get("fingerprint", {})
+            state = load_torch_file(path)
+        except CheckpointError as e:
+            raise FmstackError(f"--resume: {e}") from None
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise FmstackError(f"--resume: {path} is not a training state written by fmstack finetune "
+                               f"(missing {', '.join(missing)}); delete it or choose another --out")
+        mine, saved = self._fingerprint(), state["fingerprint"]
+        saved = saved if isinstance(saved, dict) else {}
         diff = [k for k in mine if saved.get(k) != mine[k]]
         if diff:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in diff if k != "model")
             raise FmstackError(f"--resume: {path} was written by a different run ({detail or 'model differs'}); "
                                "use the same settings or a new --out")
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        return state
 
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            missing = self._trainable_names() - set(state["model"])
-            if missing:
-                raise FmstackError(f"--resume: {path} lacks trainable tensors ({sorted(missing)[:3]}...)")
-            self.model.load_state_dict(state["model"], strict=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        torch.set_rng_state(state["rng"])
+    def load_state(self, out: str | Path) -> bool:
+        """Resume from OUT/train_state.pt if it exists; False when there is none. Raises when it was
+        written by a run with different model, data, batch or LoRA settings, or cannot be used."""
+        path = Path(out) / STATE_FILE
+        if not path.is_file():
+            return False
+        state = self._read_state(path)
+        try:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optimizer"],
+                               options=StateDictOptions(full_state_dict=True, strict=False))
+            else:
+                missing = self._trainable_names() - set(state["model"])
+                if missing:
+                    raise FmstackError(f"--resume: {path} lacks trainable tensors ({sorted(missing)[:3]}...)")
+                self.model.load_state_dict(state["model"], strict=False)
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise FmstackError(f"--resume: {path} does not fit this run's model and optimizer "
+                               f"({type(e).__name__}: {first_line(e)})") from None
         log.info("resumed from %s at step %d", path, self.step)
         return True
 

@@ -13,6 +13,8 @@ from fmstack.checkpoints import load_weights, open_checkpoint, read_gguf_metadat
 from fmstack.errors import CheckpointError, ConfigError, FmstackError
 from fmstack.models.llama import Transformer
 
+from tests.helpers import TouchOnUnpickle
+
 from .conftest import write_gguf, write_meta
 
 
@@ -23,7 +25,12 @@ def _error(path, *match, kind=FmstackError):
         with torch.device("meta"):
             model = Transformer(ckpt.config)
         load_weights(model.to_empty(device="cpu"), ckpt)
-    msg = str(info.value)
+    return _one_line(info.value, match)
+
+
+def _one_line(error, match):
+    """The error's message: one line, containing every string of `match`."""
+    msg = str(error)
     assert "\n" not in msg, msg
     for m in match:
         assert m in msg, msg
@@ -189,3 +196,120 @@ def test_gguf_unsupported_quant_type_at_load(hf_models, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", refuse)
     with pytest.raises(CheckpointError, match="type Q8_0, which cannot be dequantized"):
         dict(ckpt.tensors(None))
+
+
+# -- unsafe pickles: refused by torch.load(weights_only=True), never run -----------------------------
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_meta_unsafe_pickle_is_refused_and_not_run(hf_models, tmp_path, zip_format):
+    d = write_meta(hf_models["mha-untied"], tmp_path / "meta")
+    f = d / "consolidated.00.pth"
+    marker = tmp_path / "payload-ran"
+    state = torch.load(f, weights_only=True)
+    state["extra"] = TouchOnUnpickle(marker)
+    torch.save(state, f, _use_new_zipfile_serialization=zip_format)
+    torch.load(f, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+    marker.unlink()
+    msg = _error(d, "consolidated.00.pth", "refused to load as unsafe", "weights_only=True", kind=CheckpointError)
+    assert "truncated" not in msg and "corrupt" not in msg, msg
+    assert not marker.exists(), "the payload ran"
+
+
+def test_meta_legacy_format_is_named(hf_models, tmp_path):
+    """A safe legacy-format shard still gets the legacy message (it cannot be memory-mapped)."""
+    d = write_meta(hf_models["mha-untied"], tmp_path)
+    f = d / "consolidated.00.pth"
+    torch.save(torch.load(f, weights_only=True), f, _use_new_zipfile_serialization=False)
+    msg = _error(d, "consolidated.00.pth", "legacy torch.save format", kind=CheckpointError)
+    assert "unsafe" not in msg, msg
+
+
+# -- fmstack's own format ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native_dirs(tmp_path_factory):
+    """Float, int8 and int4 fmstack checkpoints of one tiny random GQA model."""
+    from fmstack.checkpoints.native import save_checkpoint
+    from fmstack.config import named_config
+    from fmstack.quant import QuantSpec, quantize_model
+
+    root = tmp_path_factory.mktemp("native")
+    out = {}
+    for mode in ("float", "int8", "int4"):
+        model = Transformer(named_config("tiny-gqa"))
+        model.init_weights(generator=torch.Generator().manual_seed(0))
+        keep = {}
+        if mode != "float":
+            quantize_model(model, QuantSpec(mode, 32), keep=keep)
+        out[mode] = save_checkpoint(root / mode, model, quantized=keep or None)
+    return out
+
+
+def _native_error(native_dirs, tmp_path, mode, edit_config=None, drop=None, *match):
+    """Copy the `mode` checkpoint, edit its config.json / drop safetensors keys, load it through
+    `load_model` (the quantized path too); return the one-line CheckpointError message."""
+    from safetensors.torch import load_file, save_file
+
+    from fmstack.loading import load_model
+
+    d = tmp_path / mode
+    shutil.copytree(native_dirs[mode], d)
+    if edit_config is not None:
+        cfg = d / "config.json"
+        cfg.write_text(json.dumps(edit_config(json.loads(cfg.read_text()))))
+    if drop is not None:
+        tensors = load_file(str(d / "model.safetensors"))
+        del tensors[drop]
+        save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_model(str(d))
+    return _one_line(info.value, match)
+
+
+def _set(path, value):
+    def edit(cfg):
+        keys = path.split(".")
+        target = cfg
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+        return cfg
+    return edit
+
+
+def test_native_loads_when_intact(native_dirs):
+    from fmstack.loading import load_model
+
+    for mode in ("float", "int8", "int4"):
+        assert load_model(str(native_dirs[mode])).config.name == "tiny-gqa"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda cfg: cfg | {"model": None}, "config.json: not a valid fmstack config"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "model"}, "config.json: not a valid fmstack config ('model')"),
+    (_set("model.n_heads", "eight"), "config.json: not a valid fmstack config"),
+    (_set("format_version", 7), "fmstack format version 7 is not supported"),
+])
+def test_native_bad_config_json(native_dirs, tmp_path, edit, match):
+    _native_error(native_dirs, tmp_path, "float", edit, None, match)
+
+
+@pytest.mark.parametrize("mode, edit, match", [
+    ("int8", _set("quantization.mode", "int3"), "unknown or unsupported quantization"),
+    ("int8", _set("quantization", "int8"), "unknown or unsupported quantization \"int8\""),
+    ("int4", _set("quantization.group_size", 7), "--group-size 7 is not supported"),
+])
+def test_native_unknown_quantization_scheme(native_dirs, tmp_path, mode, edit, match):
+    _native_error(native_dirs, tmp_path, mode, edit, None, "config.json", match, "int8, int4, gptq")
+
+
+@pytest.mark.parametrize("mode, key", [("int8", "layers.0.attn.wo.qweight"), ("int8", "layers.1.mlp.w_down.scales"),
+                                       ("int4", "output.zeros")])
+def test_native_missing_quantized_tensors(native_dirs, tmp_path, mode, key):
+    module = key.rsplit(".", 1)[0]
+    _native_error(native_dirs, tmp_path, mode, None, key, "model.safetensors", f"missing quantized tensors for {module}",
+                  key)
+
+
+def test_native_quantized_tensors_of_another_mode(native_dirs, tmp_path):
+    _native_error(native_dirs, tmp_path, "int4", _set("quantization.mode", "int8"), None, "model.safetensors",
+                  "do not fit the int8 layout")

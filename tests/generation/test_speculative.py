@@ -52,7 +52,6 @@ def test_sampling_preserves_target_distribution(temperature, top_k):
     """Joint of the first two generated tokens (64 cells) from 1,500 seeded runs vs the exact target joint."""
     tgt, dft = tiny_vocab_model(0), tiny_vocab_model(1)
     prompt = [1, 2, 3]
-    params = SamplingParams(max_new_tokens=2, temperature=temperature, top_k=top_k)
     t, kk, p = torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([1.0])
     with torch.no_grad():
         p1 = filtered_probs(tgt(torch.tensor([prompt]))[:, -1], t, kk, p)[0]
