@@ -17,13 +17,10 @@ import torch
 from fmstack.errors import FmstackError
 from fmstack.eval import hellaswag as hs
 from fmstack.eval.scoring import Scorer, encode_pair
-from tests.conftest import HELLASWAG_DEV
 
 
-def dev_docs(n: int) -> list[dict]:
-    if not HELLASWAG_DEV.is_file():
-        pytest.skip(f"HellaSwag dev data not found at {HELLASWAG_DEV}")
-    return hs.load_docs(HELLASWAG_DEV, n)
+def dev_docs(path, n: int) -> list[dict]:
+    return hs.load_docs(path, n)
 
 
 def hf_reference(hf, docs):
@@ -45,8 +42,8 @@ def hf_reference(hf, docs):
     return out, reqs
 
 
-def compare(ours, hf, n):
-    docs = dev_docs(n)
+def compare(ours, hf, path, n):
+    docs = dev_docs(path, n)
     ref, ref_reqs = hf_reference(hf, docs)
     result = hs.evaluate(ours.model, ours.tokenizer, docs, batch_size=8)
     assert hs.build_requests(ours.tokenizer, [hs.to_example(d) for d in docs]) == ref_reqs
@@ -59,15 +56,15 @@ def compare(ours, hf, n):
     return diff, agree, agree_norm
 
 
-def test_first_10_rows_match_hf(ours, hf):
-    diff, agree, agree_norm = compare(ours, hf, 10)
+def test_first_10_rows_match_hf(ours, hf, hellaswag_dev):
+    diff, agree, agree_norm = compare(ours, hf, hellaswag_dev, 10)
     assert diff < 1e-3
     assert agree == agree_norm == 1.0
 
 
 @pytest.mark.slow
-def test_first_200_rows_match_hf(ours, hf):
-    diff, agree, agree_norm = compare(ours, hf, 200)
+def test_first_200_rows_match_hf(ours, hf, hellaswag_dev):
+    diff, agree, agree_norm = compare(ours, hf, hellaswag_dev, 200)
     assert diff < 1e-3
     assert agree >= 0.995 and agree_norm >= 0.995
 
@@ -202,8 +199,8 @@ def run_cli(capsys, *args):
 
 @pytest.mark.parametrize("args,msg", [
     (["--data", "/nonexistent/h.jsonl"], "--data /nonexistent/h.jsonl: no such file"),
-    (["--data", str(HELLASWAG_DEV), "--limit", "0"], "--limit 0 is invalid"),
-    (["--data", str(HELLASWAG_DEV), "--batch-size", "0"], "--batch-size 0 is invalid"),
+    (["--data", "/nonexistent/h.jsonl", "--limit", "0"], "--limit 0 is invalid"),  # checked before the file
+    (["--data", "/nonexistent/h.jsonl", "--batch-size", "0"], "--batch-size 0 is invalid"),
 ])
 def test_cli_errors(capsys, args, msg):
     rc, _, err = run_cli(capsys, *args)
@@ -218,10 +215,10 @@ def test_cli_malformed_line(capsys, tmp_path):
     assert rc == 2 and f"{bad}:2: not valid JSON" in err
 
 
-def test_cli_json_and_predictions(capsys, tmp_path, ours, smollm2_gguf):
-    docs = dev_docs(3)
+def test_cli_json_and_predictions(capsys, tmp_path, ours, smollm2_gguf, hellaswag_dev):
+    docs = dev_docs(hellaswag_dev, 3)
     preds = tmp_path / "preds.jsonl"
-    rc, stdout, err = run_cli(capsys, "--model", str(smollm2_gguf), "--data", str(HELLASWAG_DEV), "--limit", "3",
+    rc, stdout, err = run_cli(capsys, "--model", str(smollm2_gguf), "--data", str(hellaswag_dev), "--limit", "3",
                               "--json", "--output", str(preds))
     assert rc == 0, err
     out = json.loads(stdout.strip().splitlines()[-1])

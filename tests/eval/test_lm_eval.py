@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fmstack.eval import hellaswag as hs
-from tests.conftest import HELLASWAG_DEV
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
 
@@ -62,10 +61,8 @@ def process_docs(dataset):
 '''
 
 
-def test_lm_eval_cli_matches_fmstack_hellaswag(tmp_path, ours, smollm2_gguf):
-    if not HELLASWAG_DEV.is_file():
-        pytest.skip(f"HellaSwag dev data not found at {HELLASWAG_DEV}")
-    docs = hs.load_docs(HELLASWAG_DEV, N_ROWS)
+def test_lm_eval_cli_matches_fmstack_hellaswag(tmp_path, ours, smollm2_gguf, hellaswag_dev):
+    docs = hs.load_docs(hellaswag_dev, N_ROWS)
     task_dir, out_dir = tmp_path / "tasks", tmp_path / "out"
     task_dir.mkdir()
     data = tmp_path / "rows.jsonl"

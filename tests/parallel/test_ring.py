@@ -225,19 +225,15 @@ def test_cli_perplexity_long_windows_match_single_process(tiny_tok_checkpoint, t
 
 
 @pytest.mark.slow
-def test_default_model_hellaswag_matches_single_process(smollm2_gguf):
+def test_default_model_hellaswag_matches_single_process(smollm2_gguf, hellaswag_dev):
     """`fmstack eval hellaswag --parallel cp` on 12 dev rows: the same acc / acc_norm as one process."""
-    from tests.conftest import HELLASWAG_DEV
-
-    if not HELLASWAG_DEV.is_file():
-        pytest.skip(f"{HELLASWAG_DEV} is not present")
-    args = ["eval", "hellaswag", "--data", str(HELLASWAG_DEV), "--limit", "12", "--json"]
+    args = ["eval", "hellaswag", "--data", str(hellaswag_dev), "--limit", "12", "--json"]
     got = _cli_json(torchrun(["-m", "fmstack", *args[:2], "--parallel", "cp", *args[2:]], timeout=600))
     from fmstack.eval import hellaswag
     from fmstack.loading import load_model
 
     loaded = load_model(str(smollm2_gguf))
-    want = hellaswag.evaluate(loaded.model, loaded.tokenizer, hellaswag.load_docs(HELLASWAG_DEV, 12)).metrics
+    want = hellaswag.evaluate(loaded.model, loaded.tokenizer, hellaswag.load_docs(hellaswag_dev, 12)).metrics
     assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"])
 
 

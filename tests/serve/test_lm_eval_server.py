@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from fmstack.eval import hellaswag as hs
-from tests.conftest import HELLASWAG_DEV
 from tests.eval.test_lm_eval import TASK_UTILS, TASK_YAML
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[test]')")
@@ -41,12 +40,10 @@ def run_lm_eval(url: str, model_name: str, tmp_path, docs) -> tuple[dict, list[d
     return results, sorted(samples, key=lambda s: s["doc_id"])
 
 
-def test_lm_eval_local_completions_matches_fmstack_eval(server, tiny_ckpt, tmp_path):
+def test_lm_eval_local_completions_matches_fmstack_eval(server, tiny_ckpt, tmp_path, hellaswag_dev):
     from fmstack.loading import load_model
 
-    if not HELLASWAG_DEV.is_file():
-        pytest.skip(f"HellaSwag dev data not found at {HELLASWAG_DEV}")
-    docs = hs.load_docs(HELLASWAG_DEV, N_ROWS)
+    docs = hs.load_docs(hellaswag_dev, N_ROWS)
     results, samples = run_lm_eval(server.url, "tiny", tmp_path, docs)
     loaded = load_model(str(tiny_ckpt))
     expected = hs.evaluate(loaded.model, loaded.tokenizer, docs)
