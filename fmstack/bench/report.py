@@ -30,7 +30,8 @@ def build_report(args, plan: Plan, device, systems: list[System], load_avg: tupl
     add_ratios(rows, systems)
     return {
         "meta": meta(args, plan, device, load_avg, compiles),
-        "systems": {s.name: {"label": s.label, "weight_bytes": s.weight_bytes, "load_s": round(s.load_s, 3)}
+        "systems": {s.name: {"label": s.label, "weight_bytes": s.weight_bytes, "load_s": round(s.load_s, 3),
+                             **({"sdpa_backend_chosen": s.extra["sdpa_backend"]} if "sdpa_backend" in s.extra else {})}
                     for s in systems},
         "results": rows,
     }

@@ -35,7 +35,8 @@ def fmstack_system(args, device, dtype, quantize: str | None = None) -> System:
     if quantize is not None:
         label += f" {quantize}" + (f" g{args.group_size}" if quantize == "int4" else "")
     system = System(name, label, param_bytes(loaded.model), loaded.load_s, loaded.config.vocab_size, generate)
-    system.extra.update(generator=gen, tokenizer=loaded.tokenizer)
+    system.extra.update(generator=gen, tokenizer=loaded.tokenizer,
+                        sdpa_backend=gen.decode_sdpa_backend(1, args.prompt_len + args.new_tokens))
     return system
 
 

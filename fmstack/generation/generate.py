@@ -13,12 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fmstack.errors import ParameterError
 from fmstack.backends import mark_dynamic
+from fmstack.errors import ParameterError
 from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
 from fmstack.generation.stopping import StopChecker
+from fmstack.models.llama import sdpa_backend_name
 
 SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
@@ -43,6 +44,7 @@ def sdpa_backends(name: str, device: torch.device, masked: bool = False) -> list
                              "padding and unwritten slots and CUDA's flash kernel takes no mask; choose auto, "
                              "efficient, cudnn or math")
     return [SDPA_BACKENDS[name]]
+
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,16 @@ class Generator:
     def _logits_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
         with sdpa_kernel(self.sdpa_backends):
             return self.model(tokens, positions, cache)
+
+    def decode_sdpa_backend(self, batch_size: int, seq_len: int) -> str:
+        """The SDPA backend a decode step of `batch_size` rows over a `seq_len`-slot cache runs under
+        this generator's `--sdpa-backend` (the cache always masks); benchmarks record it."""
+        cfg = self.model.config
+        q = torch.zeros(batch_size, cfg.n_heads, 1, cfg.head_dim, dtype=self.dtype, device=self.device)
+        kv = torch.zeros(batch_size, cfg.n_kv_heads, seq_len, cfg.head_dim, dtype=self.dtype, device=self.device)
+        mask = torch.ones(batch_size, 1, 1, seq_len, dtype=torch.bool, device=self.device)
+        with sdpa_kernel(self.sdpa_backends):
+            return sdpa_backend_name(q, kv, kv, mask)
 
     def logits(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
         """Raw forward through the cache: tokens/positions `[B, T]` -> logits `[B, T, V]` (compiled

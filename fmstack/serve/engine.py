@@ -151,7 +151,7 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.prefix_caching)
         self.cache = PagedKVCache(mcfg, num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device), config.compile)
+        self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device, masked=True), config.compile)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.vocab_size = mcfg.vocab_size
         self.seqs: dict[str, Sequence] = {}

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
+from fmstack.generation.kv_cache import LayerKVBuffers
 from fmstack.models.llama import sdpa
 
 NULL_BLOCK = 0
@@ -176,28 +177,18 @@ def build_group(chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_siz
     return AttnGroup(q_index.to(device), q_pos.to(device), kv_slots.to(device))
 
 
-class PagedKVCache(nn.Module):
+class PagedKVCache(LayerKVBuffers):
     """The K/V storage: per layer `k_i`, `v_i` `[num_blocks * block_size, Hkv, D]`."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        super().__init__()
-        self.num_blocks, self.block_size, self.n_layers = num_blocks, block_size, config.n_layers
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
-        for i in range(config.n_layers):
-            self.register_buffer(f"k_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        super().__init__(config.n_layers, (num_blocks * block_size, config.n_kv_heads, config.head_dim), dtype,
+                         device)
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def layer_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        return getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
 
     def view(self, meta: StepMeta) -> "PagedAttention":
         return PagedAttention(self, meta)

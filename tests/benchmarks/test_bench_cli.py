@@ -29,6 +29,7 @@ def test_bench_writes_json(tmp_path):
         assert key in meta, key
     assert meta["threads"] == 1 and meta["batch_sizes"] == [1, 2] and meta["compile"] is False
     assert report["systems"]["fmstack"]["weight_bytes"] > 0
+    assert report["systems"]["fmstack"]["sdpa_backend_chosen"] in ("flash (cpu)", "math")  # the cache masks
     rows = report["results"]
     assert [(r["system"], r["batch_size"]) for r in rows] == [("fmstack", 1), ("fmstack", 2)]
     for r in rows:
