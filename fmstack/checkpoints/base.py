@@ -21,6 +21,7 @@ Meta-style per-projection names with q/k rows in HF's rotate-half layout (the la
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -172,6 +173,20 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@contextlib.contextmanager
+def one_intraop_thread():
+    """Run torch's CPU ops on one intra-op thread, then restore the count. Streaming weights is
+    memory-bound, and on a busy machine OpenMP's barrier waits for a descheduled second thread:
+    on the shared 2-core machine (load average ~9) dequantizing the default model's Q4_1 tensors
+    took 15 s with 2 threads and 1.0 s with one; copying them into the model 6 s and 0.3 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, checkpoint: Checkpoint,
                  slice_for: Callable[[str, Tensor], Tensor] | None = None) -> None:
@@ -183,13 +198,24 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint,
     `slice_for(name, full_tensor)` returns the part of a canonical tensor this rank keeps (its rows
     go at the destination's first row)."""
     targets = {n: t for n, t in float_targets(model).items() if not t[0].is_meta}
+    with one_intraop_thread():
+        seen = _stream_into(targets, model.config, checkpoint, slice_for)
+    missing = sorted(set(targets) - seen)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def _stream_into(targets: dict[str, tuple[Tensor, int, tuple[int, ...]]], config: ModelConfig,
+                 checkpoint: Checkpoint, slice_for: Callable[[str, Tensor], Tensor] | None) -> set[str]:
+    """The loop of `load_weights`: copy each streamed tensor into its target; the names copied."""
     seen: set[str] = set()
     for name, tensor in checkpoint.tensors(set(targets)):
-        if name == "output.weight" and model.config.tie_embeddings:
+        if name == "output.weight" and config.tie_embeddings:
             continue  # some tied checkpoints still store a copy
         if name not in targets:
-            if _LAYER_RE.match(name) and int(_LAYER_RE.match(name).group(1)) >= model.config.n_layers:
-                raise CheckpointError(f"{checkpoint.path}: tensor {name} is beyond n_layers={model.config.n_layers}")
+            if _LAYER_RE.match(name) and int(_LAYER_RE.match(name).group(1)) >= config.n_layers:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} is beyond n_layers={config.n_layers}")
             log.debug("skipping tensor %s not used by the model", name)
             continue
         dest, row, expected = targets[name]
@@ -201,7 +227,4 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint,
         dest[row:row + part.shape[0]].copy_(part)
         seen.add(name)
         del tensor, part
-    missing = sorted(set(targets) - seen)
-    if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(missing[:3])}{more}")
+    return seen

@@ -1,25 +1,26 @@
-"""GGUF checkpoints (llama.cpp), read with the `gguf` package.
+"""GGUF checkpoints (llama.cpp): the header is parsed by `gguf_file`, tensors dequantized by `gguf_quants`.
 
 Only `general.architecture == "llama"` is supported. Tensors are dequantized to float32 one at a
-time; llama.cpp stores attn_q/attn_k rows in interleaved RoPE order, which is undone here.
+time, straight from the memory-mapped file; llama.cpp stores attn_q/attn_k rows in interleaved
+RoPE order, which is undone here.
 `read_gguf_metadata` (and `Checkpoint.metadata`) give every key/value field as plain Python
 values, including the `tokenizer.ggml.*` arrays the tokenizer is built from."""
 
 from __future__ import annotations
 
 import logging
-import mmap
 import re
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
 from torch import Tensor
 
+from fmstack.checkpoints import gguf_quants
 from fmstack.checkpoints.base import rename_tensor, Checkpoint, TensorStream, expected_shapes
+from fmstack.checkpoints.gguf_file import GGUFFile, TensorInfo
+from fmstack.checkpoints.gguf_quants import can_dequantize
 from fmstack.checkpoints.meta import interleaved_to_half
 from fmstack.config import ModelConfig, RopeScaling
 from fmstack.errors import CheckpointError, ConfigError
@@ -46,70 +47,27 @@ def detect(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".gguf"
 
 
-def _reader(path: Path) -> gguf.GGUFReader:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path}: not a valid GGUF file (bad magic: does not start with 'GGUF')")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, OverflowError) as e:  # e.g. reshape of a short buffer
-        size = path.stat().st_size
-        raise CheckpointError(f"{path}: not a valid GGUF file (truncated or corrupt, {size} bytes: "
-                              f"{type(e).__name__}: {e})") from None
-
-
-def _metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
-    try:
-        return {key: field.contents() for key, field in reader.fields.items()}
-    except (ValueError, IndexError) as e:  # bad UTF-8, short arrays
-        raise CheckpointError(f"{path}: corrupt GGUF metadata ({e})") from None
-
-
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value fields of a GGUF file as Python values: str for strings, int/float/bool for
     scalars, lists for arrays (e.g. `tokenizer.ggml.tokens` -> list[str], `token_type` -> list[int])."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    return _metadata(_reader(path), path)
+    return GGUFFile(path).fields
 
 
-def _torch_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dims innermost first
-
-
-def _dequantizable(qtype: QT) -> bool:
-    traits = getattr(gguf.quants, "_type_traits", None)  # private; if it moves, let dequantize() decide
-    return traits is None or qtype in (QT.F32, QT.F16, QT.F64) or qtype in traits
-
-
-DEQUANT_CHUNK_ROWS = 2048  # rows dequantized at a time: bounds numpy temporaries to a few MB
-
-
-def dequantize(t: gguf.ReaderTensor, path: Path) -> Tensor:
-    """One GGUF tensor -> float32 torch tensor in torch dim order (`[rows, cols]` for matrices).
-
-    Dequantized in row chunks straight into the output, so the transient memory is one fp32 tensor."""
-    if not _dequantizable(t.tensor_type):
+def dequantize(t: TensorInfo, file: GGUFFile) -> Tensor:
+    """One GGUF tensor -> float32 torch tensor in torch dim order (`[rows, cols]` for matrices)."""
+    path = file.path
+    if not can_dequantize(t.tensor_type):
         raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized")
-    shape = _torch_shape(t)
-    data = t.data
-    out = np.empty(shape, dtype=np.float32)
-    flat_out = out.reshape(data.shape[0], -1) if data.ndim > 1 else out.reshape(1, -1)
-    flat_in = data if data.ndim > 1 else data.reshape(1, -1)
     try:
-        for r0 in range(0, flat_in.shape[0], DEQUANT_CHUNK_ROWS):
-            chunk = flat_in[r0:r0 + DEQUANT_CHUNK_ROWS]
-            if t.tensor_type in (QT.F64, QT.F32, QT.F16):
-                flat_out[r0:r0 + len(chunk)] = chunk.reshape(len(chunk), -1)
-            else:
-                flat_out[r0:r0 + len(chunk)] = gguf.quants.dequantize(chunk, t.tensor_type).reshape(len(chunk), -1)
+        return gguf_quants.dequantize(file.raw(t), t.tensor_type, t.shape)
     except NotImplementedError:
         raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
                               "which cannot be dequantized") from None
-    except (ValueError, IndexError) as e:
+    except (ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
-    return torch.from_numpy(out)
 
 
 def _f32(x: Any) -> float:
@@ -137,8 +95,9 @@ def _scaling_from_rope_freqs(factors: Tensor, base: ModelConfig, original: int, 
     return scaling
 
 
-def config_from_gguf(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor], path: Path) -> ModelConfig:
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo], file: GGUFFile) -> ModelConfig:
     """ModelConfig from GGUF metadata (`{arch}.*` keys) and the tensor table (vocab, tying, rope_freqs)."""
+    path = file.path
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
@@ -161,7 +120,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor]
     vocab = k("vocab_size", None)
     if vocab is None:
         emb = tensors.get("token_embd.weight")
-        vocab = _torch_shape(emb)[0] if emb is not None else len(meta.get("tokenizer.ggml.tokens", []))
+        vocab = emb.shape[0] if emb is not None else len(meta.get("tokenizer.ggml.tokens", []))
     config = ModelConfig(
         name=str(meta.get("general.name") or "gguf"), vocab_size=int(vocab), dim=dim,
         n_layers=int(k("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv),
@@ -178,44 +137,31 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, gguf.ReaderTensor]
     elif scaling_type not in ("none", "") and float(k("rope.scaling.factor", 1.0)) != 1.0:
         raise ConfigError(f"{path}: RoPE scaling type {scaling_type!r} is not supported")
     elif "rope_freqs.weight" in tensors:
-        factors = dequantize(tensors["rope_freqs.weight"], path)
+        factors = dequantize(tensors["rope_freqs.weight"], file)
         config = config.replace(rope_scaling=_scaling_from_rope_freqs(factors, config, original, path))
     return config
 
 
-def _release_pages(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
-    """Drop the file pages of a tensor already dequantized, so the mapped file does not add to peak RSS."""
-    mm = getattr(reader.data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    start = t.data_offset - t.data_offset % mmap.PAGESIZE
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
-    except (OSError, ValueError, AttributeError):
-        pass  # an optimisation only
-
-
 def open_gguf(path: Path) -> Checkpoint:
     """Parse the header, build the config, check every tensor's type and shape, return a streaming Checkpoint."""
-    reader = _reader(path)
-    meta = _metadata(reader, path)
-    reader.fields.clear()  # gguf keeps a numpy view per vocabulary string (~80 MB for 49k tokens); meta has them
-    by_name = {t.name: t for t in reader.tensors}
-    config = config_from_gguf(meta, by_name, path)
+    file = GGUFFile(path)
+    meta = file.fields
+    by_name = {t.name: t for t in file.tensors}
+    config = config_from_gguf(meta, by_name, file)
     shapes = expected_shapes(config)
-    for t in reader.tensors:
+    for t in file.tensors:
         canon = gguf_name_to_canonical(t.name)
         if canon is None:
             continue
-        if not _dequantizable(t.tensor_type):
+        if not can_dequantize(t.tensor_type):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
                                   "which cannot be dequantized")
-        if canon in shapes and _torch_shape(t) != shapes[canon]:
-            raise CheckpointError(f"{path}: tensor {canon} ({t.name}) has shape {_torch_shape(t)}, "
+        if canon in shapes and t.shape != shapes[canon]:
+            raise CheckpointError(f"{path}: tensor {canon} ({t.name}) has shape {t.shape}, "
                                   f"expected {shapes[canon]}")
 
     def tensors(names: set[str] | None = None) -> TensorStream:
-        for t in reader.tensors:
+        for t in file.tensors:
             canon = gguf_name_to_canonical(t.name)
             if canon is None:
                 if t.name != "rope_freqs.weight":
@@ -223,8 +169,8 @@ def open_gguf(path: Path) -> Checkpoint:
                 continue
             if names is not None and canon not in names:
                 continue
-            w = dequantize(t, path)
-            _release_pages(reader, t)
+            w = dequantize(t, file)
+            file.release(t)
             heads = config.n_heads if "attn_q" in t.name else config.n_kv_heads
             if t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.shape[0] % (2 * heads) == 0:
                 w = interleaved_to_half(w, heads)  # llama.cpp's converter interleaved the RoPE pairs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmstack.checkpoints import load_weights, open_checkpoint, read_gguf_metadata
+from fmstack.checkpoints import gguf_quants, load_weights, open_checkpoint, read_gguf_metadata
 from fmstack.errors import CheckpointError, ConfigError, FmstackError
 from fmstack.models.llama import Transformer
 
@@ -194,6 +194,7 @@ def test_gguf_unsupported_quant_type_at_load(hf_models, tmp_path, monkeypatch):
         raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
 
     monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    monkeypatch.delitem(gguf_quants.TORCH_DEQUANT, gguf.GGMLQuantizationType.Q8_0)  # so the package is asked
     with pytest.raises(CheckpointError, match="type Q8_0, which cannot be dequantized"):
         dict(ckpt.tensors(None))
 
