@@ -41,6 +41,10 @@ class _Corrupt(Exception):
     """A header that runs past the end of the file or holds impossible values."""
 
 
+class _Unsupported(Exception):
+    """A well-formed header this reader does not handle (another GGUF version, big-endian)."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -65,11 +69,15 @@ class GGUFFile:
         except (_Corrupt, struct.error, ValueError, IndexError, OverflowError) as e:
             raise CheckpointError(f"{path}: not a valid GGUF file (truncated or corrupt, {len(self._mm)} bytes: "
                                   f"{type(e).__name__}: {e})") from None
+        except _Unsupported as e:
+            raise CheckpointError(f"{path}: unsupported GGUF file ({e})") from None
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{path}: corrupt GGUF metadata (bad UTF-8: {e})") from None
 
     def raw(self, t: TensorInfo) -> Tensor:
         """The bytes of tensor `t` as a 1-D uint8 tensor viewing the mapped file (no copy)."""
+        if t.n_bytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self._mm, dtype=torch.uint8, count=t.n_bytes, offset=t.data_offset)
 
     def release(self, t: TensorInfo) -> None:
@@ -137,8 +145,9 @@ def _parse(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[TensorInfo]
     cur.take(4)  # magic, checked by the caller
     version = cur.u32()
     if version not in SUPPORTED_VERSIONS:
-        order = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-        raise _Corrupt(f"GGUF version {version}{order}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}")
+        if version & 0xFFFF == 0:
+            raise _Unsupported("big-endian; only little-endian GGUF files are read")
+        raise _Unsupported(f"version {version}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}")
     n_tensors, n_kv = cur.u64(), cur.u64()
     fields: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
     for _ in range(n_kv):

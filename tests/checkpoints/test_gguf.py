@@ -16,6 +16,7 @@ from fmstack.checkpoints.gguf import gguf_name_to_canonical
 from fmstack.checkpoints.gguf_file import GGUFFile
 from fmstack.checkpoints.gguf_quants import TORCH_DEQUANT
 from fmstack.config import RopeScaling
+from fmstack.errors import CheckpointError
 
 from .conftest import hf_canonical_state, hf_logits, our_logits, rel_err, write_gguf
 
@@ -163,3 +164,13 @@ def test_metadata_matches_gguf_reader(hf_models, tmp_path):
     assert (t.name, t.shape, t.data_offset) == ("x", (3, 4), reader.tensors[0].data_offset)
     assert torch.equal(gguf_quants.dequantize(parsed.raw(t), t.tensor_type, t.shape),
                        torch.arange(12, dtype=torch.float32).reshape(3, 4))
+
+
+@pytest.mark.parametrize("version, says", [(b"\x01\x00\x00\x00", "version 1"), (b"\x00\x00\x00\x03", "big-endian")])
+def test_unsupported_gguf_header_is_named(hf_models, tmp_path, version, says):
+    path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    data[4:8] = version
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"unsupported GGUF file.*{says}"):
+        open_checkpoint(path)
