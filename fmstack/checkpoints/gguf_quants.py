@@ -14,7 +14,7 @@ to the bit.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gguf
 import numpy as np

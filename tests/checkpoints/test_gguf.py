@@ -102,7 +102,7 @@ def test_smollm2_gguf():
 def _random_blocks(qtype, n_blocks: int, seed: int) -> np.ndarray:
     """`n_blocks` blocks of `qtype` with random quants and finite random float16 scales (d, m)."""
     rng = np.random.default_rng(seed)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
     if qtype in (QT.F32, QT.F16, QT.F64):
         dtype = {QT.F32: "<f4", QT.F16: "<f2", QT.F64: "<f8"}[qtype]
         return (rng.standard_normal(n_blocks) * 10).astype(dtype).view(np.uint8)
@@ -117,7 +117,7 @@ def _random_blocks(qtype, n_blocks: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", list(TORCH_DEQUANT), ids=lambda q: q.name)
 def test_torch_dequantize_is_bit_exact(qtype, monkeypatch):
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
     monkeypatch.setattr(gguf_quants, "CHUNK_BLOCKS", 7)  # several chunks, the last one partial
     rows, cols = 5, block * 9
     raw = _random_blocks(qtype, rows * cols // block, seed=int(qtype))
