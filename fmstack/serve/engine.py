@@ -195,6 +195,7 @@ class Engine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{need} tokens ({len(prompt)} in the prompt, {params.sampling.max_new_tokens} for the "
                 "completion). Please reduce the prompt or max_tokens.")
+        params.sampling.check_vocab(self.vocab_size)
         if params.sampling.stop and self.tokenizer is None:
             raise ParameterError("stop strings need a model with a tokenizer")
 
