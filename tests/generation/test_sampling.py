@@ -151,3 +151,24 @@ def test_engine_stop_token_ids_stop_and_min_tokens_holds_them_back(tiny):
     toks, reason = engine_tokens(tiny, [1, 2, 3], RequestParams(
         SamplingParams(max_new_tokens=8, logit_bias=force, min_tokens=3), stop_token_ids=(40,)))
     assert len(toks) == 4 and 40 not in toks[:3] and toks[3] == 40 and reason == "stop"
+
+
+def test_engine_choices_wait_for_the_first_prefill_and_share_its_blocks(tiny):
+    """n copies of a prompt added with `after`: they reuse the first one's prompt blocks (prefix hits)
+    and, greedy, give the same tokens; seeded sampling with different seeds differs."""
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=64))
+    prompt = list(range(3, 23))  # 5 full blocks
+    outs: dict[str, list[int]] = {}
+
+    def cb(o):
+        outs.setdefault(o.request_id, []).extend(o.token_ids)
+
+    for j in range(3):
+        eng.add_request(f"c{j}", prompt, RequestParams(SamplingParams(max_new_tokens=5)), cb,
+                        after="c0" if j else None)
+    assert len(eng.scheduler.waiting) == 1  # the copies wait for the first prefill
+    while eng.has_work():
+        eng.step()
+    assert outs["c0"] == outs["c1"] == outs["c2"] and len(outs["c0"]) == 5
+    assert eng.stats().prefix_cache_hit_tokens == 2 * 16  # 4 of 5 blocks each (the last is recomputed)
+    assert eng.stats().blocks_used == 0

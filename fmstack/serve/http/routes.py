@@ -237,7 +237,7 @@ async def completions(request: Request):
                          req.logprobs if req.echo and req.logprobs is not None else None)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n = req.common.n  # choice i * n + j is choice j of prompt i, as OpenAI orders them
-    ids, queue = submit(state, [p for p in prompt_ids for _ in range(n)], rp * len(prompt_ids), cid)
+    ids, queue = submit(state, [p for p in prompt_ids for _ in range(n)], rp * len(prompt_ids), cid, n)
     tt = TokenText(state.tokenizer)
     accs = {rid: CompletionChoice(c, tt, req.logprobs, echo[c // n], prompt_ids[c // n]) for c, rid in enumerate(ids)}
     heavy = req.logprobs is not None
@@ -301,7 +301,7 @@ async def chat(request: Request):
         max_tokens = max(state.engine.max_model_len - len(prompt), 1)
     rp = _request_params(req, max_tokens, req.top_logprobs if req.logprobs else None)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    ids, queue = submit(state, [prompt] * req.common.n, rp, cid)
+    ids, queue = submit(state, [prompt] * req.common.n, rp, cid, req.common.n)
     tt = TokenText(state.tokenizer)
     accs = {rid: ChatChoice(tt, req.logprobs, req.top_logprobs, j) for j, rid in enumerate(ids)}
     heavy = req.logprobs
