@@ -172,3 +172,12 @@ def test_engine_choices_wait_for_the_first_prefill_and_share_its_blocks(tiny):
     assert outs["c0"] == outs["c1"] == outs["c2"] and len(outs["c0"]) == 5
     assert eng.stats().prefix_cache_hit_tokens == 2 * 16  # 4 of 5 blocks each (the last is recomputed)
     assert eng.stats().blocks_used == 0
+
+
+def test_speculative_decoding_refuses_logit_processing_it_cannot_apply(tiny):
+    from fmstack.generation.speculative import SpeculativeGenerator
+
+    spec = SpeculativeGenerator(Generator(tiny, eos_ids=[]), Generator(tiny, eos_ids=[]), 2)
+    for kwargs in ({"presence_penalty": 1.0}, {"logit_bias": {1: 5.0}}, {"min_tokens": 2}, {"min_p": 0.1}):
+        with pytest.raises(ParameterError, match="speculative decoding does not support"):
+            spec.generate([1, 2, 3], SamplingParams(max_new_tokens=4, **kwargs))
