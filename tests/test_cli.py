@@ -142,6 +142,10 @@ def test_every_option_help_states_its_default():
     ("--max-new-tokens", "-1", "--max-new-tokens -1 is invalid: must be an integer >= 0"),
     ("--temperature", "-0.5", "--temperature -0.5 is invalid: must be a finite number >= 0"),
     ("--top-k", "-2", "--top-k -2 is invalid: must be an integer in [0, 2**63) (0 disables top-k)"),
+    ("--presence-penalty", "3", "--presence-penalty 3.0 is invalid: must be a number in [-2, 2]"),
+    ("--repetition-penalty", "0", "--repetition-penalty 0.0 is invalid: must be a finite number > 0"),
+    ("--min-p", "1.5", "--min-p 1.5 is invalid: must be in [0, 1]"),
+    ("--min-tokens", "-1", "--min-tokens -1 is invalid: must be an integer >= 0"),
 ])
 def test_sampling_errors_name_the_option(option, value, message, capsys):
     from fmstack.cli import main

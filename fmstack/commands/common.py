@@ -78,13 +78,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a fresh draw each run)")
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one; 0 = off (default 0.0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token already generated, in [-2, 2] (default 0.0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per occurrence of a token already generated, in [-2, 2] (default 0.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides positive / multiplies negative logits of tokens in the prompt or output; "
+                        "> 0, 1 = off (default 1.0)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="EOS cannot end the output before this many tokens (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (default: stop)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The sampling options as SamplingParams; an invalid one is reported under its option name."""
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), min_p=args.min_p,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                              ignore_eos=args.ignore_eos)
     except ParameterError as e:
         if e.field is None:
             raise

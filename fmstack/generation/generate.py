@@ -17,7 +17,8 @@ from fmstack.backends import mark_dynamic
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
 from fmstack.generation.kv_cache import StaticKVCache
-from fmstack.generation.sampling import SamplingParams, exponential_noise, sample, sampling_tensors
+from fmstack.generation.sampling import (SamplingParams, adjust_logits, exponential_noise, logit_adjustments,
+                                        min_p_tensor, sample, sampling_tensors)
 from fmstack.generation.stopping import StopChecker
 from fmstack.models.llama import sdpa_backend_name
 
@@ -120,18 +121,22 @@ class Generator:
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
     def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
-                      top_k: Tensor, top_p: Tensor, noise: Tensor | None) -> Tensor:
-        """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy)."""
+                      top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
+                      scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
+        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
         with sdpa_kernel(self.sdpa_backends):
-            logits = self.model(tokens, positions, cache, last_only=True)[:, -1]
-        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise)
+            logits = adjust_logits(self.model(tokens, positions, cache, last_only=True)[:, -1], scale, add)
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
 
     def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
-                     top_k: Tensor, top_p: Tensor, noise: Tensor | None) -> Tensor:
-        """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy)."""
+                     top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
+                     scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
+        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
         with sdpa_kernel(self.sdpa_backends):
-            logits = self.model(tokens, positions, cache)[:, -1]
-        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise)
+            logits = adjust_logits(self.model(tokens, positions, cache)[:, -1], scale, add)
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
 
     def _logits_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
         with sdpa_kernel(self.sdpa_backends):
@@ -158,7 +163,7 @@ class Generator:
             mark_dynamic(positions, 1)
         return self._logits_many(tokens, positions, cache)
 
-    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
+    def _prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor | None) -> Tensor:
         if tokens.shape[1] == 1:  # a one-token prompt is a decode step: reuse that graph
             return self._decode(tokens, positions, cache, *sampling)
         if self.compiled:  # one graph for every prompt length: the sequence dim is symbolic
@@ -166,7 +171,7 @@ class Generator:
             mark_dynamic(positions, 1)
         return self._prefill_step(tokens, positions, cache, *sampling).clone()  # fed to decode: see _decode
 
-    def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor) -> Tensor:
+    def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor | None) -> Tensor:
         """One decode step -> next ids `[B]`, cloned: the loop feeds them into the next step, and under
         CUDA graphs (cudagraph trees) the next replay overwrites or frees this replay's outputs
         (pytorch issue 152887). The clone is B integers."""
@@ -201,6 +206,8 @@ class Generator:
                 raise ParameterError(f"prompt {i} is empty: at least one token is needed")
             if any((not isinstance(t, int)) or t < 0 or t >= self.model.config.vocab_size for t in p):
                 raise ParameterError(f"prompt {i} has token ids outside [0, {self.model.config.vocab_size})")
+        for p in plist:
+            p.check_vocab(self.model.config.vocab_size)
         need_text = on_text is not None or any(p.stop for p in plist)
         if need_text and self.tokenizer is None:
             raise ParameterError("streaming and stop strings need a tokenizer")
@@ -213,6 +220,7 @@ class Generator:
         tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=dev)
         positions = torch.arange(L, device=dev)[None, :] - pad[:, None]
         temperature, top_k, top_p = sampling_tensors(plist, dev)
+        min_p = min_p_tensor(plist, dev)
         generators = [self._generator(p.seed) for p in plist]
         all_greedy = all(p.greedy for p in plist)
 
@@ -225,11 +233,17 @@ class Generator:
         t0 = time.perf_counter()
         cache.reset(pad)
         sampling = (temperature, top_k, top_p)
+        vocab = self.model.config.vocab_size
+        stop_ids = [r.stops.stop_ids for r in rows]
 
         def noise() -> Tensor | None:  # Exp(1) draws for the sampler; None selects the argmax-only graph
-            return None if all_greedy else exponential_noise((B, self.model.config.vocab_size), generators, dev)
+            return None if all_greedy else exponential_noise((B, vocab), generators, dev)
 
-        next_ids = self._prefill(tokens, positions, cache, *sampling, noise())
+        def adjustments() -> tuple[Tensor | None, Tensor | None]:  # penalties/bias/min_tokens from host lists
+            history = [list(p) + r.result.token_ids for p, r in zip(prompts, rows)]
+            return logit_adjustments(plist, history, [len(p) for p in prompts], stop_ids, vocab, dev)
+
+        next_ids = self._prefill(tokens, positions, cache, *sampling, noise(), min_p, *adjustments())
         next_positions = torch.tensor([len(p) for p in prompts], device=dev)[:, None]
         t_first = None
         while True:
@@ -241,7 +255,8 @@ class Generator:
                     self._accept(i, r, tok, on_text)
             if all(r.done for r in rows):
                 break
-            next_ids = self._decode(next_ids[:, None], next_positions, cache, *sampling, noise())
+            next_ids = self._decode(next_ids[:, None], next_positions, cache, *sampling, noise(), min_p,
+                                    *adjustments())
             next_positions = next_positions + 1
         t_end = time.perf_counter()
         for r in rows:

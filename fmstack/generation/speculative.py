@@ -80,6 +80,9 @@ class SpeculativeGenerator:
         tgt, dft, k = self.target, self.draft, self.k
         if not prompt:
             raise ParameterError("prompt is empty: at least one token is needed")
+        if params.adjusts_logits or params.min_p > 0:
+            raise ParameterError("speculative decoding does not support penalties, logit_bias, min_tokens or "
+                                 "min_p: drop them or the draft model")
         res = SpeculativeResult([])
         if params.max_new_tokens == 0:
             return res

@@ -155,6 +155,7 @@ class Engine:
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.vocab_size = mcfg.vocab_size
         self.seqs: dict[str, Sequence] = {}
+        self._held: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt (add_request)
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
         self._arrivals = itertools.count()
@@ -195,12 +196,15 @@ class Engine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{need} tokens ({len(prompt)} in the prompt, {params.sampling.max_new_tokens} for the "
                 "completion). Please reduce the prompt or max_tokens.")
+        params.sampling.check_vocab(self.vocab_size)
         if params.sampling.stop and self.tokenizer is None:
             raise ParameterError("stop strings need a model with a tokenizer")
 
     def add_request(self, request_id: str, prompt: Seq[int], params: RequestParams,
-                    callback: Callable[[RequestOutput], None]) -> None:
-        """Queue a request. Raises PromptTooLong / ParameterError for bad input, QueueFull when full."""
+                    callback: Callable[[RequestOutput], None], after: str | None = None) -> None:
+        """Queue a request. Raises PromptTooLong / ParameterError for bad input, QueueFull when full.
+        `after`: the id of a request with the same prompt (another choice of it, `n` > 1); this one
+        waits until that one's prompt is computed, so its blocks come from the prefix cache."""
         prompt = list(prompt)
         self._check_prompt(prompt, params)
         with self.lock:
@@ -220,8 +224,18 @@ class Engine:
                 self._finish(seq, "length")  # nothing to compute
                 self._emit(seq, [], "", None)
                 return
+            first = self.seqs.get(after) if after is not None else None
+            if first is not None and first.num_computed < first.prompt_len and not first.finished:
+                self._held.setdefault(after, []).append(seq)
+                return
             self.scheduler.add(seq)
             self._wake.notify()
+
+    def _release(self, seq: Sequence) -> None:
+        """Queue the requests held for `seq` (its prompt is computed, or it ended)."""
+        for held in self._held.pop(seq.id, []):
+            if not held.finished:
+                self.scheduler.add(held)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks now; its callback gets no more outputs. False if unknown."""
@@ -318,6 +332,9 @@ class Engine:
                     if entry is not None and len(seq.prompt_lps) == c.start + j + 1:  # not seen before a preemption
                         seq.prompt_lps.append(entry)
         grew = self.scheduler.update_from_output(scheduled, output)
+        for c in scheduled.chunks:
+            if c.seq.id in self._held and c.seq.num_computed >= c.seq.prompt_len:
+                self._release(c.seq)
         for c in scheduled.chunks:  # echo-only requests end once their prompt logprobs are done
             seq = c.seq
             if not seq.finished and seq.params.sampling.max_new_tokens == 0 and seq.num_computed == seq.num_tokens:
@@ -342,6 +359,7 @@ class Engine:
         self.scheduler.finish(seq, reason)
         self.n_finished[reason] = self.n_finished.get(reason, 0) + 1
         self.seqs.pop(seq.id, None)
+        self._release(seq)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         """End `seq` with an error output (finish_reason "abort", `error` = message)."""

@@ -6,7 +6,9 @@ fields are rejected, as OpenAI does. Bounds are enforced here, where the body is
 out of range reaches tokenization, sampling or the engine: integers are at most 64-bit (a JSON
 integer of thousands of digits is refused by `json.loads` itself and answered 400), numbers are
 finite, `top_k` is at most the vocabulary, `top_p` at least MIN_TOP_P (smaller values round to 0 in
-float32, where no token survives), and every string must be encodable as UTF-8 (a lone surrogate
+float32, where no token survives), presence/frequency penalties in [-2, 2], `repetition_penalty` > 0,
+`min_p` in [0, 1], `logit_bias` at most 300 token ids below the vocabulary with biases in [-100, 100],
+`n` choices per prompt with at most MAX_CHOICES choices per request, and every string must be encodable as UTF-8 (a lone surrogate
 such as "\\ud800" is valid JSON but no text; it is refused with the field's path). Messages quote
 client values with `ascii()`, so an error body never carries text that cannot be encoded.
 """
@@ -18,11 +20,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmstack.generation.sampling import SamplingParams
+from fmstack.generation.sampling import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SamplingParams
 from fmstack.serve.engine import MAX_LOGPROBS
 
 MAX_STOP = 16
 MAX_PROMPTS = 64
+MAX_CHOICES = 64  # n x the number of prompts, per request
 MAX_INT = 2**63 - 1  # integer fields (max_tokens, ...) are signed 64-bit
 MIN_TOP_P = 1e-6  # float32(top_p) stays > 0 (values below ~1e-45 round to 0 and drop every token)
 SEED_RANGE = (-2**63, 2**64)  # a seed is any signed or unsigned 64-bit integer; folded to [0, 2**63)
@@ -156,14 +159,15 @@ class Common:
     stream: bool = False
     include_usage: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_tokens, **self.sampling)
-
-
-def _zero_only(name: str, v: Any) -> None:
-    if v is not None and not (_is_num(v) and v == 0):
-        raise bad(name, f"{show(v)} is not supported: this server only accepts 0 (or null)")
+    def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The params of choice `choice` of a prompt: a seeded request's choices get seeds seed + choice
+        (mod 2**63), so they differ when sampling and each is reproducible."""
+        s = dict(self.sampling)
+        if choice and s.get("seed") is not None:
+            s["seed"] = (s["seed"] + choice) % 2**63
+        return SamplingParams(max_new_tokens=max_tokens, **s)
 
 
 def _one_only(name: str, v: Any) -> None:
@@ -174,7 +178,7 @@ def _one_only(name: str, v: Any) -> None:
 def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
     known = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
              "n", "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
-             "stop_token_ids", "min_tokens"} | allowed_extra
+             "stop_token_ids", "min_tokens", "min_p"} | allowed_extra
     for key in body:
         if key not in known:
             raise APIError(400, f"Unrecognized request argument supplied: {ascii(key)[1:-1]}", param=key)
@@ -212,17 +216,8 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
         if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
             raise bad("stream_options", 'must be an object like {"include_usage": true}')
         include_usage = boolean("stream_options.include_usage", so.get("include_usage", False))
-    _one_only("n", body.get("n"))
-    for name in ("presence_penalty", "frequency_penalty"):
-        _zero_only(name, body.get(name))
-    rp = body.get("repetition_penalty")
-    if rp is not None and not (_is_num(rp) and rp == 1):
-        raise bad("repetition_penalty", f"{show(rp)} is not supported: only 1 (or null)")
-    if body.get("min_tokens") not in (None, 0):
-        raise bad("min_tokens", f"{show(body['min_tokens'])} is not supported: only 0 (or null)")
-    lb = body.get("logit_bias")
-    if lb not in (None, {}):
-        raise bad("logit_bias", "is not supported")
+    n = int_in("n", body["n"], 1, MAX_CHOICES) if body.get("n") is not None else 1
+    s.update(_logit_processing(body, vocab))
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise bad("user", "must be a string")
     stop_ids: tuple[int, ...] = ()
@@ -231,7 +226,43 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
         if not isinstance(v, list) or not all(_is_int(t) and 0 <= t < vocab for t in v):
             raise bad("stop_token_ids", f"must be a list of token ids in [0, {vocab})")
         stop_ids = tuple(v)
-    return Common(model, mt, s, stream, include_usage, stop_ids)
+    return Common(model, mt, s, stream, include_usage, stop_ids, n)
+
+
+def _logit_processing(body: dict, vocab: int) -> dict[str, Any]:
+    """The penalty, min_p, min_tokens and logit_bias fields as SamplingParams kwargs (absent: left out)."""
+    s: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) is not None:
+            s[name] = num_in(name, body[name], *PENALTY_RANGE)
+    rp = body.get("repetition_penalty")
+    if rp is not None:
+        if not _is_num(rp) or rp <= 0:
+            raise bad("repetition_penalty", f"{show(rp)} is invalid: must be a number > 0 (1 disables it)")
+        s["repetition_penalty"] = float(rp)
+    if body.get("min_p") is not None:
+        s["min_p"] = num_in("min_p", body["min_p"], 0.0, 1.0)
+    if body.get("min_tokens") is not None:
+        s["min_tokens"] = int_in("min_tokens", body["min_tokens"], 0)
+    if body.get("logit_bias") is not None:
+        s["logit_bias"] = logit_bias(body["logit_bias"], vocab)
+    return s
+
+
+def logit_bias(v: Any, vocab: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} -> sorted (id, bias) pairs; ids in [0, vocab), biases in [-100, 100]."""
+    if not isinstance(v, dict):
+        raise bad("logit_bias", f'must be an object mapping token ids to biases, like {{"50256": -100}}')
+    if len(v) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+    pairs = []
+    for key, bias in v.items():
+        if not (key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0"))) or int(key) >= vocab:
+            raise bad("logit_bias", f"key {show(key)} is invalid: keys are token ids in [0, {vocab}) as decimal strings")
+        if not _is_num(bias) or not LOGIT_BIAS_RANGE[0] <= bias <= LOGIT_BIAS_RANGE[1]:
+            raise bad("logit_bias", f"bias {show(bias)} for token {key} is invalid: must be a number in [-100, 100]")
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 @dataclass
@@ -260,6 +291,9 @@ def parse_completion(body: dict, vocab: int) -> CompletionRequest:
                             "token-id lists")
     if len(prompts) > MAX_PROMPTS:
         raise bad("prompt", f"has {len(prompts)} prompts; at most {MAX_PROMPTS} per request")
+    if len(prompts) * common.n > MAX_CHOICES:
+        raise bad("n", f"{common.n} choices for each of {len(prompts)} prompts is {len(prompts) * common.n}; at "
+                       f"most {MAX_CHOICES} choices per request")
     if any(isinstance(x, str) and not x for x in prompts):
         raise bad("prompt", "is an empty string")
     lp = body.get("logprobs")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
 from fmstack.backends import maybe_mark_dynamic
-from fmstack.generation.sampling import sample_rows
+from fmstack.generation.sampling import logit_adjustments, sample_rows
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 
@@ -127,7 +127,11 @@ class ModelRunner:
     def _sample(self, to_sample: list[tuple[ScheduledChunk, int]], logits: Tensor, out: RunnerOutput) -> None:
         rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]  # [B, V]
         seqs = [c.seq for c, _ in to_sample]
-        ids = sample_rows(rows, [s.params.sampling for s in seqs], [s.generator for s in seqs]).tolist()
+        params = [s.params.sampling for s in seqs]
+        adjustments = logit_adjustments(params, [s.tokens for s in seqs], [s.prompt_len for s in seqs],
+                                        [s.stops.stop_ids if s.stops is not None else () for s in seqs],
+                                        rows.shape[-1], rows.device)
+        ids = sample_rows(rows, params, [s.generator for s in seqs], adjustments).tolist()
         lps = rows.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
         for i, (seq, tok) in enumerate(zip(seqs, ids)):
             out.sampled[seq.id] = tok

@@ -20,7 +20,8 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(mi
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=12)
 FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options", "n",
-          "logprobs", "echo", "ignore_eos", "stop_token_ids", "user", "presence_penalty", "min_tokens"]
+          "logprobs", "echo", "ignore_eos", "stop_token_ids", "user", "presence_penalty", "min_tokens",
+          "frequency_penalty", "repetition_penalty", "min_p", "logit_bias"]
 numbers = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True, allow_infinity=True))
 prompts = st.one_of(st.text(min_size=1, max_size=10), st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5))
 bodies = st.fixed_dictionaries({"prompt": prompts},
@@ -57,7 +58,12 @@ def test_completion_parsing_accepts_in_range_values_or_gives_400(body):
     assert 0 <= s.get("seed", 0) < 2**63
     assert req.logprobs is None or 0 <= req.logprobs <= 20
     assert all(0 <= t < VOCAB for t in c.stop_token_ids)
-    c.sampling_params(c.max_tokens or 1)  # SamplingParams accepts whatever parsing accepted
+    assert 1 <= c.n and c.n * len(req.prompts) <= 64
+    assert all(-2 <= s.get(f, 0) <= 2 for f in ("presence_penalty", "frequency_penalty"))
+    assert 0 < s.get("repetition_penalty", 1) and 0 <= s.get("min_p", 0) <= 1 and s.get("min_tokens", 0) >= 0
+    assert all(0 <= t < VOCAB and -100 <= b <= 100 for t, b in s.get("logit_bias", ()))
+    for j in range(c.n):
+        c.sampling_params(c.max_tokens or 1, j).check_vocab(VOCAB)  # SamplingParams accepts what parsing accepted
 
 
 @settings(max_examples=200, deadline=None)
@@ -110,3 +116,17 @@ def test_huge_integers_are_400_not_500():
         with pytest.raises(APIError) as e:
             parse_completion({"prompt": "hi", name: 10**400}, VOCAB)
         assert e.value.param == name
+
+
+def test_logit_bias_and_n_bounds_name_the_field():
+    ok = parse_completion({"prompt": "hi", "logit_bias": {"0": -100, "511": 100.0}, "n": 2, "seed": 2**63 - 1}, VOCAB)
+    assert ok.common.sampling["logit_bias"] == ((0, -100.0), (511, 100.0))
+    assert [ok.common.sampling_params(4, j).seed for j in range(2)] == [2**63 - 1, 0]  # seed + choice, folded
+    for body, field in [({"logit_bias": {"512": 1}}, "logit_bias"), ({"logit_bias": {"07": 1}}, "logit_bias"),
+                        ({"logit_bias": {"1": True}}, "logit_bias"), ({"logit_bias": {"1": -100.01}}, "logit_bias"),
+                        ({"n": True}, "n"), ({"n": 65}, "n"), ({"prompt": ["a", "b"], "n": 33}, "n"),
+                        ({"min_p": 1.01}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty")]:
+        with pytest.raises(APIError) as e:
+            parse_completion({"prompt": "hi", **body}, VOCAB)
+        check_error(e.value)
+        assert e.value.param == field, (body, e.value.message)

@@ -38,10 +38,12 @@ def engine_failure(state: ServerState, out: RequestOutput) -> str | None:
     return None
 
 
-def submit(state: ServerState, prompts: list[list[int]], params: RequestParams,
-           base_id: str) -> tuple[list[str], asyncio.Queue]:
-    """Queue one engine request per prompt (ids `base_id-i`); all or none are queued. The engine owns
-    the length check (prompt + max_tokens <= max_model_len): its PromptTooLong becomes a 400."""
+def submit(state: ServerState, prompts: list[list[int]], params: RequestParams | list[RequestParams],
+           base_id: str, n: int = 1) -> tuple[list[str], asyncio.Queue]:
+    """Queue one engine request per prompt (ids `base_id-i`; `params` one for all or one per prompt);
+    all or none are queued. `n`: prompts come in runs of n copies (choices); each copy waits for the
+    first one's prefill and takes its KV blocks from the prefix cache. The engine owns the length
+    check (prompt + max_tokens <= max_model_len): its PromptTooLong becomes a 400."""
     engine = state.engine
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -53,7 +55,8 @@ def submit(state: ServerState, prompts: list[list[int]], params: RequestParams,
     try:
         for i, p in enumerate(prompts):
             rid = f"{base_id}-{i}"
-            engine.add_request(rid, p, params, callback)
+            engine.add_request(rid, p, params[i] if isinstance(params, list) else params, callback,
+                               after=ids[i - i % n] if i % n else None)
             ids.append(rid)
     except QueueFull as e:
         abort_all(state, ids)
@@ -63,7 +66,7 @@ def submit(state: ServerState, prompts: list[list[int]], params: RequestParams,
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     except ParameterError as e:
         abort_all(state, ids)
-        raise APIError(400, str(e), param="prompt") from None
+        raise APIError(400, str(e), param=e.field or "prompt") from None
     except FmstackError as e:  # the engine died
         abort_all(state, ids)
         raise APIError(503, str(e)) from None

@@ -131,8 +131,8 @@ class ChatChoice:
     """The /v1/chat/completions choice: `add()` returns the streamed choice deltas of an output,
     `choice()` the whole message."""
 
-    def __init__(self, tt: TokenText, logprobs: bool, top_logprobs: int):
-        self.tt, self.want_lp, self.k = tt, logprobs, top_logprobs
+    def __init__(self, tt: TokenText, logprobs: bool, top_logprobs: int, index: int = 0):
+        self.tt, self.want_lp, self.k, self.index = tt, logprobs, top_logprobs, index
         self.text, self.lp_content = "", []
         self.finish_reason: str | None = None
         self.completion_tokens = 0
@@ -148,15 +148,15 @@ class ChatChoice:
         self.text += out.text
         self.lp_content += content
         if out.text or content:
-            deltas.append({"index": 0, "delta": {"content": out.text},
+            deltas.append({"index": self.index, "delta": {"content": out.text},
                            "logprobs": {"content": content} if self.want_lp else None, "finish_reason": None})
         if out.finished:
             self.finish_reason, self.completion_tokens = out.finish_reason, out.completion_tokens
-            deltas.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
+            deltas.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
         return deltas
 
     def choice(self) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": self.text},
+        return {"index": self.index, "message": {"role": "assistant", "content": self.text},
                 "logprobs": {"content": self.lp_content} if self.want_lp else None,
                 "finish_reason": self.finish_reason}
 

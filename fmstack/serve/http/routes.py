@@ -199,13 +199,14 @@ async def _collect(request: Request, state: ServerState, queue, ids: list[str], 
 
 
 def _request_params(req: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> RequestParams:
+                    prompt_logprobs: int | None = None) -> list[RequestParams]:
+    """One RequestParams per choice of a prompt (`n`; see `Common.sampling_params` for their seeds)."""
     try:
-        sp = req.common.sampling_params(max_tokens)
+        sps = [req.common.sampling_params(max_tokens, j) for j in range(req.common.n)]
     except ParameterError as e:
-        raise APIError(400, str(e)) from None
-    return RequestParams(sp, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                         stop_token_ids=req.common.stop_token_ids)
+        raise APIError(400, str(e), param=e.field) from None
+    return [RequestParams(sp, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                          stop_token_ids=req.common.stop_token_ids) for sp in sps]
 
 
 # -- /v1/completions -----------------------------------------------------------------------------------
@@ -235,9 +236,10 @@ async def completions(request: Request):
     rp = _request_params(req, max_tokens, req.logprobs,
                          req.logprobs if req.echo and req.logprobs is not None else None)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    ids, queue = submit(state, prompt_ids, rp, cid)
+    n = req.common.n  # choice i * n + j is choice j of prompt i, as OpenAI orders them
+    ids, queue = submit(state, [p for p in prompt_ids for _ in range(n)], rp * len(prompt_ids), cid, n)
     tt = TokenText(state.tokenizer)
-    accs = {rid: CompletionChoice(i, tt, req.logprobs, echo[i], prompt_ids[i]) for i, rid in enumerate(ids)}
+    accs = {rid: CompletionChoice(c, tt, req.logprobs, echo[c // n], prompt_ids[c // n]) for c, rid in enumerate(ids)}
     heavy = req.logprobs is not None
     n_prompt = sum(len(p) for p in prompt_ids)
 
@@ -299,34 +301,39 @@ async def chat(request: Request):
         max_tokens = max(state.engine.max_model_len - len(prompt), 1)
     rp = _request_params(req, max_tokens, req.top_logprobs if req.logprobs else None)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    ids, queue = submit(state, [prompt], rp, cid)
-    acc = ChatChoice(TokenText(state.tokenizer), req.logprobs, req.top_logprobs)
+    ids, queue = submit(state, [prompt] * req.common.n, rp, cid, req.common.n)
+    tt = TokenText(state.tokenizer)
+    accs = {rid: ChatChoice(tt, req.logprobs, req.top_logprobs, j) for j, rid in enumerate(ids)}
     heavy = req.logprobs
+
+    def done() -> int:  # completion tokens over all choices
+        return sum(a.completion_tokens for a in accs.values())
 
     def chunk(choices: list, use: dict | None = None) -> str:
         return sse(envelope("chat.completion.chunk", cid, created, state.model_name, choices, use))
 
     if req.common.stream:
         async def events():
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            for j in range(len(ids)):
+                yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
             async for out in outputs(request, state, queue, ids):
                 failure = engine_failure(state, out)
                 if failure:
                     yield sse(APIError(500, failure).body())
                     break
-                for delta in await _feed(state, acc, out, heavy):
+                for delta in await _feed(state, accs[out.request_id], out, heavy):
                     yield chunk([delta])
-            _account(request, len(prompt), acc.completion_tokens)
+            _account(request, len(prompt), done())
             if req.common.include_usage:
-                yield chunk([], usage(len(prompt), acc.completion_tokens))
+                yield chunk([], usage(len(prompt), done()))
             yield SSE_DONE
 
         return SSEResponse(_guarded(events(), request), lambda: abort_all(state, ids))
 
-    if not await _collect(request, state, queue, ids, {ids[0]: acc}, heavy):
+    if not await _collect(request, state, queue, ids, accs, heavy):
         return Response(status_code=499)
-    _account(request, len(prompt), acc.completion_tokens)
-    return JSONResponse(envelope("chat.completion", cid, created, state.model_name, [acc.choice()],
-                                 usage(len(prompt), acc.completion_tokens)))
+    _account(request, len(prompt), done())
+    return JSONResponse(envelope("chat.completion", cid, created, state.model_name, [accs[r].choice() for r in ids],
+                                 usage(len(prompt), done())))
 

@@ -9,7 +9,8 @@ FastAPI cannot infer these; they are attached with `openapi_extra` / `responses`
 from __future__ import annotations
 
 from fmstack.serve.engine import MAX_LOGPROBS
-from fmstack.serve.protocol import MAX_INT, MAX_PROMPTS, MAX_STOP
+from fmstack.generation.sampling import MAX_LOGIT_BIAS
+from fmstack.serve.protocol import MAX_CHOICES, MAX_INT, MAX_PROMPTS, MAX_STOP
 
 _INT = {"type": "integer"}
 _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
@@ -28,10 +29,17 @@ _COMMON = {
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "additionalProperties": False},
-    "n": {"type": "integer", "enum": [1]},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES},
     "user": {"type": "string"},
     "ignore_eos": {"type": "boolean"},
     "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "min_tokens": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+    "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"},
+                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
 }
 
 COMPLETION_REQUEST = {
