@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
+from fmstack.models.moe import MoEFeedForward
 
 
 class AttentionCache(Protocol):
@@ -186,7 +187,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = FeedForward(config)
+        self.mlp = MoEFeedForward(config) if config.n_experts else FeedForward(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: AttentionCache | None) -> Tensor:
