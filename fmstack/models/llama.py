@@ -8,6 +8,7 @@ keys/values where `positions` say and returns the attention output. The static c
 (generation), the paged cache (serving) and ring attention (context parallel) implement it;
 `cache=None` means plain causal attention over the call's own tokens.
 Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per layer, not 7.
+A config with `n_experts` gets the sparse MoE FFN of `fmstack.models.moe` in every block.
 """
 
 from __future__ import annotations

@@ -152,6 +152,20 @@ def test_int8_experts_match_dequantized_reference():
             torch.testing.assert_close(got, getattr(ref, path)(h[:n], weights, experts), rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_int8_moe_checkpoint_round_trip(tmp_path):
+    """`fmstack quantize --mode int8` output of a MoE model loads back with the same experts and logits."""
+    from fmstack.checkpoints.native import save_checkpoint
+
+    model, keep = load_model("random:tiny-moe", seed=4).model, {}
+    quantize_model(model, QuantSpec("int8"), keep=keep)
+    assert keep["layers.1.mlp.w_down.qweight"].shape == (4, 64, 96)
+    back = load_model(str(save_checkpoint(tmp_path / "q8", model, quantized=keep))).model
+    assert torch.equal(back.layers[1].mlp.w_down.weight, model.layers[1].mlp.w_down.weight)
+    tokens = tokens_of(7, (2, 9))
+    torch.testing.assert_close(back(tokens), model(tokens), rtol=0, atol=0)
+
+
 def test_int4_experts_refused_with_clear_error():
     with pytest.raises(ParameterError, match="layers.0.mlp.w_gate_up holds MoE experts, which support int8 only"):
         quantize_model(load_model("random:tiny-moe").model, QuantSpec("int4", 32))
