@@ -83,26 +83,24 @@ class ParallelAttention(Attention):
         return all_reduce(super().forward(*args), self.group)
 
 
-class ParallelFeedForward(FeedForward):
+class _HiddenSlice:
+    """Mixin for an FFN class: built over this rank's slice `rows` of the hidden units (ffn_dim), the
+    partial outputs summed across ranks."""
+
+    def __init__(self, config: ModelConfig, rows: range, group):
+        super().__init__(config.replace(ffn_dim=len(rows)))
+        self.rows, self.group = rows, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return all_reduce(super().forward(x), self.group)
+
+
+class ParallelFeedForward(_HiddenSlice, FeedForward):
     """SwiGLU over this rank's slice of the hidden units; w_down's partial outputs are summed."""
 
-    def __init__(self, config: ModelConfig, rows: range, group):
-        super().__init__(config.replace(ffn_dim=len(rows)))
-        self.rows, self.group = rows, group
 
-    def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(super().forward(x), self.group)
-
-
-class ParallelMoEFeedForward(MoEFeedForward):
+class ParallelMoEFeedForward(_HiddenSlice, MoEFeedForward):
     """MoE FFN over this rank's slice of every expert's hidden units (full router); outputs summed."""
-
-    def __init__(self, config: ModelConfig, rows: range, group):
-        super().__init__(config.replace(ffn_dim=len(rows)))
-        self.rows, self.group = rows, group
-
-    def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(super().forward(x), self.group)
 
 
 _EXPERT = re.compile(r"^feed_forward\.experts\.\d+\.")  # expert e's w1/w2/w3: sliced like the dense ones
