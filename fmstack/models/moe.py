@@ -7,13 +7,19 @@ weights renormalized to sum to 1 (the same numbers as a softmax over the k chose
 Expert weights are ONE stacked tensor per projection (`w_gate_up` `[E, 2F, dim]`, gate rows
 first, and `w_down` `[E, dim, F]`), so a token's experts are found by indexing, not by Python
 control flow. Three ways to run them over N tokens, all with the same result:
-  gathered  N*k <= E (decode): index the stacked weights by each token's chosen experts and run
-            one batched matmul; reads N*k expert matrices, never more than all E of them.
-  grouped   eager, more tokens (prefill): tokens sorted by expert, one matmul per expert over
-            exactly its tokens (the FLOPs of the k chosen experts; the split sizes are data).
-  dense     under torch.compile, more tokens: every expert over every token, weighted by a
-            routing matrix that is 0 off the chosen experts (E/k times the FLOPs, but static
-            shapes and no data-dependent control flow, so no graph breaks).
+  grouped   eager: tokens sorted by expert, one matmul per expert over exactly its tokens (the
+            FLOPs and weight reads of the chosen experts only; the split sizes are data, read on
+            the host, so it is for eager runs only).
+  gathered  compiled, N*k <= E (decode): index the stacked weights by each token's chosen experts
+            and run one batched matmul; static shapes, reads N*k expert matrices (at most all E).
+  dense     compiled, more tokens (prefill): every expert over every token, weighted by a routing
+            matrix that is 0 off the chosen experts (E/k times the FLOPs, but static shapes and no
+            data-dependent control flow, so no graph breaks).
+One token through a Mixtral-shaped layer scaled down (dim 1024, F 3584, 8 experts, top-2, fp32) on
+the shared 2-core dev machine (load ~14): eager grouped 246 ms, eager gathered 321 ms (it copies the
+chosen experts' weights before the matmul), eager dense 401 ms; compiled gathered 104 ms, compiled
+dense 689 ms. 256 tokens, eager: grouped 1.96 s, dense 2.43 s. (Mean of 20 calls of each method,
+after a warm-up call; compiled: `torch.compile(method, fullgraph=True)`.)
 """
 
 from __future__ import annotations
@@ -62,12 +68,12 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(h)
-        if h.shape[0] * self.top_k <= self.n_experts:
-            out = self.gathered(h, weights, experts)
-        elif torch.compiler.is_compiling():
-            out = self.dense(h, weights, experts)
-        else:
+        if not torch.compiler.is_compiling():
             out = self.grouped(h, weights, experts)
+        elif h.shape[0] * self.top_k <= self.n_experts:
+            out = self.gathered(h, weights, experts)
+        else:
+            out = self.dense(h, weights, experts)
         return out.reshape(x.shape)
 
     def gathered(self, h: Tensor, weights: Tensor, experts: Tensor) -> Tensor:

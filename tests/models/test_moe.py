@@ -76,7 +76,8 @@ def test_prefill_logits_match_hf(hf_and_ours):
 
 @torch.no_grad()
 def test_cached_decode_matches_hf(hf_and_ours):
-    """Prefill 9 tokens (grouped experts), then decode 8 one at a time (gathered experts, 2 rows)."""
+    """Prefill 9 tokens, then decode 8 one at a time (eager: grouped experts; the other paths are
+    compared with it below and run compiled in the compiled test)."""
     hf, ours = hf_and_ours
     tokens = tokens_of(2, (2, 17))
     expected = hf(tokens).logits
