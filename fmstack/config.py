@@ -39,6 +39,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     head_dim: int = 0
     name: str = "custom"
+    # Mixtral-style sparse MoE FFN (`fmstack.models.moe`): n_experts experts of width ffn_dim, each
+    # token uses n_experts_per_token of them; 0 = the dense SwiGLU FFN.
+    n_experts: int = 0
+    n_experts_per_token: int = 0
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -56,6 +60,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        e, k = self.n_experts, self.n_experts_per_token
+        if (e, k) != (0, 0) and not (e >= 1 and 1 <= k <= e):
+            raise ConfigError(f"config {self.name!r}: n_experts={e}, n_experts_per_token={k}; a MoE FFN needs "
+                              "1 <= n_experts_per_token <= n_experts (both 0 for a dense FFN)")
 
     @property
     def q_dim(self) -> int:
@@ -115,6 +126,11 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
                     rope_theta=5e5, max_seq_len=256,
                     rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position=64)),
+        # Mixtral 8x7B (46.7B parameters, 12.9B active per token) and a tiny MoE for tests.
+        _llama2("mixtral-8x7b", 4096, 32, 32, 14336, n_kv_heads=8, rope_theta=1e6, max_seq_len=32768,
+                n_experts=8, n_experts_per_token=2),
+        ModelConfig(name="tiny-moe", vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96,
+                    rope_theta=1e6, max_seq_len=256, n_experts=4, n_experts_per_token=2),
     ]
 }
 
@@ -132,14 +148,22 @@ def _require(data: dict[str, Any], key: str, source: str) -> Any:
     return data[key]
 
 
-_HF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+_HF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"}
+
+
+def _hf_experts(data: dict[str, Any], source: str) -> dict[str, int]:
+    """MoE fields of a Mixtral config.json (`num_local_experts`, `num_experts_per_tok`); {} otherwise."""
+    if data.get("model_type") != "mixtral" and "MixtralForCausalLM" not in (data.get("architectures") or []):
+        return {}
+    return {"n_experts": int(_require(data, "num_local_experts", source)),
+            "n_experts_per_token": int(_require(data, "num_experts_per_tok", source))}
 
 
 def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Build a config from a HF `config.json` dict (model_type llama)."""
+    """Build a config from a HF `config.json` dict (model_type llama, or mixtral: sparse MoE FFN)."""
     arch = data.get("architectures") or []
     model_type = data.get("model_type")
-    if model_type != "llama" and not set(arch) & _HF_ARCHITECTURES:
+    if model_type not in ("llama", "mixtral") and not set(arch) & _HF_ARCHITECTURES:
         raise ConfigError(
             f"{source}: unknown architecture (model_type={model_type!r}, architectures={arch}); "
             "fmstack supports LLaMA-family models (model_type 'llama')"
@@ -172,6 +196,7 @@ def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelCo
         max_seq_len=int(data.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         head_dim=int(data.get("head_dim") or 0),
+        **_hf_experts(data, source),
     )
 
 

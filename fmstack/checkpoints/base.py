@@ -17,6 +17,12 @@ Meta-style per-projection names with q/k rows in HF's rotate-half layout (the la
     layers.{i}.feed_forward.w2.weight          [dim, F]   (down)
     norm.weight                                [dim]
     output.weight                              [V, dim]   (absent when tied)
+
+A MoE config (`n_experts` > 0) has, instead of the three feed_forward projections, a router and
+per-expert projections (Mixtral's names), loaded into the stacked expert weights as they arrive:
+
+    layers.{i}.feed_forward.gate.weight            [E, dim]
+    layers.{i}.feed_forward.experts.{e}.w1.weight  [F, dim]   (w3 likewise; w2 [dim, F])
 """
 
 from __future__ import annotations
@@ -141,12 +147,28 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
             out[p + "attention.wv.weight"] = (attn.wqkv.weight, q_rows + kv_rows)
         if isinstance(attn.wo, nn.Linear):
             out[p + "attention.wo.weight"] = (attn.wo.weight, 0)
-        if isinstance(mlp.w_gate_up, nn.Linear):
+        if cfg.n_experts:
+            out.update(_expert_targets(mlp, p))
+        elif isinstance(mlp.w_gate_up, nn.Linear):
             out[p + "feed_forward.w1.weight"] = (mlp.w_gate_up.weight, 0)
             out[p + "feed_forward.w3.weight"] = (mlp.w_gate_up.weight, mlp.ffn_dim)
         if isinstance(mlp.w_down, nn.Linear):
             out[p + "feed_forward.w2.weight"] = (mlp.w_down.weight, 0)
     return {name: (dest, row, shapes[name]) for name, (dest, row) in out.items()}
+
+
+def _expert_targets(mlp: nn.Module, prefix: str) -> dict[str, tuple[Tensor, int]]:
+    """Router and per-expert destinations of a MoE FFN: expert e's w1/w3 are rows of `w_gate_up.weight[e]`,
+    its w2 is `w_down.weight[e]` (int8 experts, which are not float, are left out)."""
+    out = {prefix + "feed_forward.gate.weight": (mlp.gate.weight, 0)}
+    for e in range(mlp.n_experts):
+        q = f"{prefix}feed_forward.experts.{e}."
+        if mlp.w_gate_up.weight.is_floating_point():
+            out[q + "w1.weight"] = (mlp.w_gate_up.weight[e], 0)
+            out[q + "w3.weight"] = (mlp.w_gate_up.weight[e], mlp.ffn_dim)
+        if mlp.w_down.weight.is_floating_point():
+            out[q + "w2.weight"] = (mlp.w_down.weight[e], 0)
+    return out
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -166,10 +188,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "attention.wk.weight": (config.kv_dim, config.dim),
             p + "attention.wv.weight": (config.kv_dim, config.dim),
             p + "attention.wo.weight": (config.dim, config.q_dim),
-            p + "feed_forward.w1.weight": (config.ffn_dim, config.dim),
-            p + "feed_forward.w3.weight": (config.ffn_dim, config.dim),
-            p + "feed_forward.w2.weight": (config.dim, config.ffn_dim),
         })
+        ffn = [f"feed_forward.experts.{e}." for e in range(config.n_experts)] or ["feed_forward."]
+        for q in ffn:
+            shapes.update({p + q + "w1.weight": (config.ffn_dim, config.dim),
+                           p + q + "w3.weight": (config.ffn_dim, config.dim),
+                           p + q + "w2.weight": (config.dim, config.ffn_dim)})
+        if config.n_experts:
+            shapes[p + "feed_forward.gate.weight"] = (config.n_experts, config.dim)
     return shapes
 
 

@@ -116,8 +116,11 @@ def _check_quantized(weights: Path, module: str, found: dict[str, Tensor], mode:
                               f"(mode {mode} stores {', '.join(need)} per projection)")
     q, scales = found["qweight"], found["scales"]
     want = torch.int8 if int8 else torch.uint8
-    if q.dtype != want or q.dim() != 2 or scales.shape[:1] != q.shape[:1] or scales.dim() != (1 if int8 else 2) \
-            or (not int8 and found["zeros"].shape != scales.shape):
+    if int8:  # also stacked MoE experts: qweight [E, out, in], scales [E, out]
+        bad = q.dim() not in (2, 3) or scales.shape != q.shape[:-1]
+    else:
+        bad = q.dim() != 2 or scales.dim() != 2 or scales.shape[:1] != q.shape[:1] or found["zeros"].shape != scales.shape
+    if q.dtype != want or bad:
         shapes = ", ".join(f"{k} {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" for k, t in found.items())
         raise CheckpointError(f"{weights}: quantized tensors for {module} ({shapes}) do not fit the {mode} "
                               f"layout of config.json (qweight {str(want).removeprefix('torch.')} "

@@ -8,6 +8,7 @@ keys/values where `positions` say and returns the attention output. The static c
 (generation), the paged cache (serving) and ring attention (context parallel) implement it;
 `cache=None` means plain causal attention over the call's own tokens.
 Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per layer, not 7.
+A config with `n_experts` gets the sparse MoE FFN of `fmstack.models.moe` in every block.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
+from fmstack.models.moe import MoEFeedForward
 
 
 class AttentionCache(Protocol):
@@ -186,7 +188,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = FeedForward(config)
+        self.mlp = MoEFeedForward(config) if config.n_experts else FeedForward(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: AttentionCache | None) -> Tensor:

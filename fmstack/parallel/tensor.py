@@ -5,6 +5,9 @@ Per block, each rank holds some attention heads and a slice of the MLP:
   wo         row-split (this rank's input columns), then all-reduce       [B, T, dim]
   w_gate_up  column-split: this rank's gate rows and up rows             (no communication)
   w_down     row-split, then all-reduce                                   [B, T, dim]
+A MoE block (`fmstack.models.moe`) splits every expert the same way: each rank holds all E experts'
+gate/up rows and down columns of its slice of F (`w_gate_up` `[E, 2F/N, dim]`, `w_down` `[E, dim, F/N]`)
+and the full router, so every rank routes each token alike and one all-reduce sums the partial outputs.
 The embedding and LM head are vocabulary-parallel: each rank holds ceil(V/N) rows (the last rank's
 tail is zero padding); the embedding masks ids outside its rows and all-reduces, the head computes
 its logits slice and all-gathers, so every rank gets identical full `[B, T, V]` logits.
@@ -18,6 +21,7 @@ Collectives are `torch.distributed._functional_collectives`, which torch.compile
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.models.build import materialize_meta
 from fmstack.models.llama import Attention, FeedForward, Transformer
+from fmstack.models.moe import MoEFeedForward
 from fmstack.parallel.dist import DistInfo, fault_point
 from fmstack.parallel.plan import Quantizer, chunk
 from fmstack.quant import QuantSpec, rtn_portable
@@ -78,8 +83,9 @@ class ParallelAttention(Attention):
         return all_reduce(super().forward(*args), self.group)
 
 
-class ParallelFeedForward(FeedForward):
-    """SwiGLU over this rank's slice of the hidden units; w_down's partial outputs are summed."""
+class _HiddenSlice:
+    """Mixin for an FFN class: built over this rank's slice `rows` of the hidden units (ffn_dim), the
+    partial outputs summed across ranks."""
 
     def __init__(self, config: ModelConfig, rows: range, group):
         super().__init__(config.replace(ffn_dim=len(rows)))
@@ -87,6 +93,17 @@ class ParallelFeedForward(FeedForward):
 
     def forward(self, x: Tensor) -> Tensor:
         return all_reduce(super().forward(x), self.group)
+
+
+class ParallelFeedForward(_HiddenSlice, FeedForward):
+    """SwiGLU over this rank's slice of the hidden units; w_down's partial outputs are summed."""
+
+
+class ParallelMoEFeedForward(_HiddenSlice, MoEFeedForward):
+    """MoE FFN over this rank's slice of every expert's hidden units (full router); outputs summed."""
+
+
+_EXPERT = re.compile(r"^feed_forward\.experts\.\d+\.")  # expert e's w1/w2/w3: sliced like the dense ones
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -164,7 +181,8 @@ class TensorParallel:
             model.output = nn.Linear(config.dim, self.vocab_rows, bias=False)
             for block in model.layers:
                 block.attn = ParallelAttention(config, block.attn.layer, self.heads, self.group)
-                block.mlp = ParallelFeedForward(config, self.ffn, self.group)
+                mlp = ParallelMoEFeedForward if config.n_experts else ParallelFeedForward
+                block.mlp = mlp(config, self.ffn, self.group)
         model = model.to(dtype)
         materialize_meta(model, device)
         model.tie_weights()
@@ -173,6 +191,7 @@ class TensorParallel:
     def slice_for(self, name: str, tensor: Tensor) -> Tensor:
         """This rank's part of the full canonical tensor `name` (vocab slices zero-padded to ceil(V/N) rows)."""
         key = name.split(".", 2)[2] if name.startswith("layers.") else name
+        key = _EXPERT.sub("feed_forward.", key)
         if key not in self._slices:
             return tensor  # norms: replicated
         dim, r = self._slices[key]
@@ -192,10 +211,10 @@ class TensorParallel:
         def portable(name: str, w: Tensor) -> dict[str, Tensor]:
             if not name.endswith((".attn.wo", ".mlp.w_down")):
                 return rtn_portable(w, spec)
-            amax = w.float().abs().amax(dim=1)
+            amax = w.float().abs().amax(dim=-1)  # [N], or [E, N] for stacked experts
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
             scales = (amax / 127.0).clamp_min(1e-12)
-            q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+            q = torch.round(w.float() / scales[..., None]).clamp(-127, 127).to(torch.int8)
             return {"qweight": q, "scales": scales}
         return portable
 

@@ -1,6 +1,7 @@
 """Weight-only quantization applied to a built model from outside: every projection of every block
 and the output head become int8 (per channel) or int4 (group-wise) modules; the embedding and
-norms stay in the run dtype. `portable` dicts (see `linear.py`) are what checkpoints store."""
+norms stay in the run dtype. MoE experts (stacked `[E, N, K]` weights, see `fmstack.models.moe`)
+are int8 only, per expert and output channel; their router stays float. `portable` dicts (see `linear.py`) are what checkpoints store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from fmstack.errors import ParameterError
 from fmstack.quant import ops
+from fmstack.quant.experts import Int8ExpertLinear
 from fmstack.quant.linear import (GROUP_SIZES, Int4Linear, Int8Linear, int4_params, quantize_int4_with,
                                   quantize_int8)
 
@@ -53,15 +55,16 @@ def spec_of(model: nn.Module) -> QuantSpec | None:
     """The quantization the model's projections hold: None for a float model, else int8 or
     int4/group size (how int4 values were chosen, round to nearest or GPTQ, is not visible in the
     modules: a checkpoint records it). Raises ParameterError for a mix of schemes."""
-    found = {QuantSpec("int8") if isinstance(m, Int8Linear) else QuantSpec("int4", m.group_size)
-             for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    found = {QuantSpec("int8") if isinstance(m, (Int8Linear, Int8ExpertLinear)) else QuantSpec("int4", m.group_size)
+             for m in model.modules() if isinstance(m, (Int8Linear, Int8ExpertLinear, Int4Linear))}
     if len(found) > 1:
         raise ParameterError(f"the model mixes quantization schemes: {sorted(s.mode for s in found)}")
     return found.pop() if found else None
 
 
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every projection that is quantized: per block wqkv, wo, w_gate_up, w_down; output."""
+    """(name, module) of every projection that is quantized: per block wqkv, wo, w_gate_up, w_down (stacked
+    experts in a MoE block); output."""
     out = []
     for i, block in enumerate(model.layers):
         out += [(f"layers.{i}.attn.wqkv", block.attn.wqkv), (f"layers.{i}.attn.wo", block.attn.wo),
@@ -75,6 +78,9 @@ def check_shapes(model: nn.Module, spec: QuantSpec) -> None:
     if spec.bits != 4:
         return
     for name, lin in quantizable_linears(model):
+        if hasattr(lin, "n_experts"):
+            raise ParameterError(f"--quantize {spec.mode}: {name} holds MoE experts, which support int8 only; "
+                                 "use --quantize int8")
         k = lin.in_features
         if k % spec.group_size:
             raise ParameterError(f"--group-size {spec.group_size} does not divide the input width {k} of {name}; "
@@ -82,7 +88,8 @@ def check_shapes(model: nn.Module, spec: QuantSpec) -> None:
 
 
 def rtn_portable(weight: Tensor, spec: QuantSpec) -> dict[str, Tensor]:
-    """Round-to-nearest quantization of one weight `[N, K]` to its portable tensors."""
+    """Round-to-nearest quantization of one weight `[N, K]` (int8 also stacked experts `[E, N, K]`)
+    to its portable tensors."""
     if spec.bits == 8:
         q, scales = quantize_int8(weight)
         return {"qweight": q, "scales": scales}
@@ -92,6 +99,8 @@ def rtn_portable(weight: Tensor, spec: QuantSpec) -> dict[str, Tensor]:
 
 
 def module_from_portable(t: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
+    if spec.bits == 8 and t["qweight"].dim() == 3:
+        return Int8ExpertLinear.from_portable(t["qweight"], t["scales"], dtype)
     if spec.bits == 8:
         return Int8Linear.from_portable(t["qweight"], t["scales"], dtype)
     return Int4Linear.from_portable(t["qweight"], t["scales"], t["zeros"], spec.group_size, dtype)

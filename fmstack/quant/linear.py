@@ -18,10 +18,10 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """w `[N, K]` -> (q int8 `[N, K]`, scales fp32 `[N]`)."""
+    """w `[N, K]` -> (q int8 `[N, K]`, scales fp32 `[N]`); stacked experts `[E, N, K]` -> scales `[E, N]`."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    scales = (w.abs().amax(dim=-1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 

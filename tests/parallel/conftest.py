@@ -32,6 +32,9 @@ CONFIGS = {
     # 3 kv heads on 2 ranks (like SmolLM2): uneven split of 2 + 1 kv groups; tied
     "kv3": ModelConfig(name="tiny-kv3", vocab_size=512, dim=96, n_layers=2, n_heads=6, n_kv_heads=3,
                        ffn_dim=192, max_seq_len=128, tie_embeddings=True),
+    # Mixtral-style MoE: 4 experts, top-2; every expert's odd ffn width split 38 + 37
+    "moe": ModelConfig(name="tiny-moe-tp", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       ffn_dim=75, max_seq_len=128, n_experts=4, n_experts_per_token=2),
 }
 
 

@@ -3,7 +3,7 @@
 Tolerance: fp32 logits within 1e-5 absolute (logits are O(1); the all-reduce sums partial
 products in a different order, observed ~1e-6); greedy tokens identical; scored log-likelihoods
 within 1e-4. int8: each rank's int8 weights and scales equal the single-process ones (row-parallel
-scales are all-reduced), so logits stay within 1e-4 and greedy tokens are identical.
+scales are all-reduced, per expert for MoE w_down), so logits stay within 1e-4 and greedy tokens are identical.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 
 from tests.parallel.conftest import WORKER, generate_cli, reference_ids, run_worker, torchrun
 
-FP32 = ["mha", "gqa", "mqa", "kv3"]
-INT8 = ["gqa", "kv3"]
+FP32 = ["mha", "gqa", "mqa", "kv3", "moe"]
+INT8 = ["gqa", "kv3", "moe"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_int8_logits_close(results, case):
 
 def test_heads_split_and_shards_are_local(results):
     kv = {case: [r["kv_heads"] for r in results[case]] for case in FP32}
-    assert kv == {"mha": [2, 2], "gqa": [1, 1], "mqa": [1, 1], "kv3": [2, 1]}  # mqa: replicated kv head
+    assert kv == {"mha": [2, 2], "gqa": [1, 1], "mqa": [1, 1], "kv3": [2, 1], "moe": [1, 1]}  # mqa: replicated kv head
     for case in FP32:
         for r in results[case]:
             assert r["local_numel"] < 0.7 * r["full_numel"]  # norms are the only replicated weights
