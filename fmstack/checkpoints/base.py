@@ -17,6 +17,9 @@ Meta-style per-projection names with q/k rows in HF's rotate-half layout (the la
     layers.{i}.feed_forward.w2.weight          [dim, F]   (down)
     norm.weight                                [dim]
     output.weight                              [V, dim]   (absent when tied)
+
+Family extras, present only when the config has them: `layers.{i}.attention.w{q,k,v}.bias`
+`[H*D]`/`[Hkv*D]` (qkv_bias, Qwen2) and `layers.{i}.attention.{q,k}_norm.weight` `[D]` (qk_norm, Qwen3).
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def rename_tensor(name: str, global_names: dict[str, str], layer_re: re.Pattern,
     per-layer names by `layer_re` (groups: layer index, suffix) and `layer_names` (suffix -> canonical)."""
     if name in global_names:
         return global_names[name]
+    if name.endswith(".bias"):  # a bias maps like its weight (layer_re matches `.weight` names)
+        canon = rename_tensor(name[:-len("bias")] + "weight", {}, layer_re, layer_names)
+        return None if canon is None else canon[:-len("weight")] + "bias"
     m = layer_re.match(name)
     if m and m.group(2) in layer_names:
         return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
@@ -138,6 +144,13 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
             out[p + "attention.wq.weight"] = (attn.wqkv.weight, 0)
             out[p + "attention.wk.weight"] = (attn.wqkv.weight, q_rows)
             out[p + "attention.wv.weight"] = (attn.wqkv.weight, q_rows + kv_rows)
+            if attn.wqkv.bias is not None:
+                out[p + "attention.wq.bias"] = (attn.wqkv.bias, 0)
+                out[p + "attention.wk.bias"] = (attn.wqkv.bias, q_rows)
+                out[p + "attention.wv.bias"] = (attn.wqkv.bias, q_rows + kv_rows)
+        if attn.q_norm is not None:
+            out[p + "attention.q_norm.weight"] = (attn.q_norm.weight, 0)
+            out[p + "attention.k_norm.weight"] = (attn.k_norm.weight, 0)
         if isinstance(attn.wo, nn.Linear):
             out[p + "attention.wo.weight"] = (attn.wo.weight, 0)
         if isinstance(mlp.w_gate_up, nn.Linear):
@@ -169,6 +182,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "feed_forward.w3.weight": (config.ffn_dim, config.dim),
             p + "feed_forward.w2.weight": (config.dim, config.ffn_dim),
         })
+        if config.qkv_bias:
+            shapes.update({p + "attention.wq.bias": (config.q_dim,), p + "attention.wk.bias": (config.kv_dim,),
+                           p + "attention.wv.bias": (config.kv_dim,)})
+        if config.qk_norm:
+            shapes.update({p + "attention.q_norm.weight": (config.head_dim,),
+                           p + "attention.k_norm.weight": (config.head_dim,)})
     return shapes
 
 

@@ -35,13 +35,15 @@ _LAYER = {
     "mlp.down_proj": "feed_forward.w2",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm",  # Qwen3
+    "self_attn.k_norm": "attention.k_norm",
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
 def hf_name_to_canonical(name: str) -> str | None:
-    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; None when the
-    tensor has no canonical counterpart (e.g. `rotary_emb.inv_freq`)."""
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight` (`.bias` likewise);
+    None when the tensor has no canonical counterpart (e.g. `rotary_emb.inv_freq`)."""
     return rename_tensor(name, _GLOBAL, _LAYER_RE, _LAYER)
 
 
