@@ -144,10 +144,10 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
             out[p + "attention.wq.weight"] = (attn.wqkv.weight, 0)
             out[p + "attention.wk.weight"] = (attn.wqkv.weight, q_rows)
             out[p + "attention.wv.weight"] = (attn.wqkv.weight, q_rows + kv_rows)
-            if attn.wqkv.bias is not None:
-                out[p + "attention.wq.bias"] = (attn.wqkv.bias, 0)
-                out[p + "attention.wk.bias"] = (attn.wqkv.bias, q_rows)
-                out[p + "attention.wv.bias"] = (attn.wqkv.bias, q_rows + kv_rows)
+        if attn.qkv_bias is not None:
+            out[p + "attention.wq.bias"] = (attn.qkv_bias, 0)
+            out[p + "attention.wk.bias"] = (attn.qkv_bias, q_rows)
+            out[p + "attention.wv.bias"] = (attn.qkv_bias, q_rows + kv_rows)
         if attn.q_norm is not None:
             out[p + "attention.q_norm.weight"] = (attn.q_norm.weight, 0)
             out[p + "attention.k_norm.weight"] = (attn.k_norm.weight, 0)

@@ -168,8 +168,11 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        self.wqkv = nn.Linear(config.dim, config.q_dim + 2 * config.kv_dim, bias=config.qkv_bias)
+        self.wqkv = nn.Linear(config.dim, config.q_dim + 2 * config.kv_dim, bias=False)
         self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+        # Qwen2's q/k/v bias is a parameter of its own, not wqkv's: int8/int4 modules and LoRA wrappers
+        # that replace wqkv then keep it without knowing about biases.
+        self.qkv_bias = nn.Parameter(torch.zeros(config.q_dim + 2 * config.kv_dim)) if config.qkv_bias else None
         self.q_norm = HeadNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = HeadNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         # Granite's attention scale replaces SDPA's 1/sqrt(D): pre-scaling q keeps the `attend` seam as is.
@@ -180,7 +183,10 @@ class Attention(nn.Module):
                 cache: AttentionCache | None) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        qkv = self.wqkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -196,3 +196,23 @@ def test_named_family_configs_have_published_sizes(name):
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(named_config(name)).parameters())
     assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+@torch.no_grad()
+def test_int8_and_speculative(family, smollm2_tokenizer_dir, tmp_path):
+    """int8 keeps Qwen2's q/k/v bias (a float parameter beside the quantized wqkv): logits stay near
+    fp32's; speculative decoding with the int8 model as draft gives the fp32 greedy tokens."""
+    from fmstack.generation.speculative import SpeculativeGenerator
+
+    hf = hf_family_model(family)
+    fp32 = save_and_load(hf, tmp_path, smollm2_tokenizer_dir)
+    int8 = load_model(str(tmp_path), quantize="int8").model.eval()
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(6))
+    ref, got = fp32(tokens), int8(tokens)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
+    prompt = tokens[0].tolist()
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    target, draft = Generator(fp32, eos_ids=[]), Generator(int8, eos_ids=[])
+    spec = SpeculativeGenerator(target, draft, 3).generate(prompt, params)
+    assert spec.token_ids == target.generate([prompt], params)[0].token_ids == hf_greedy(hf, prompt, 12)
