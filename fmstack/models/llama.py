@@ -27,6 +27,16 @@ from torch import Tensor, nn
 from fmstack.config import ModelConfig
 
 
+def scale_embeddings(x: Tensor, config: ModelConfig) -> Tensor:
+    """Token embeddings times Granite's `embedding_multiplier` (unchanged at 1.0)."""
+    return x if config.embedding_multiplier == 1.0 else x * config.embedding_multiplier
+
+
+def scale_logits(logits: Tensor, config: ModelConfig) -> Tensor:
+    """Logits divided by Granite's `logits_scaling` (unchanged at 1.0)."""
+    return logits if config.logits_scaling == 1.0 else logits / config.logits_scaling
+
+
 class AttentionCache(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q `[B, H, T, D]`, k/v `[B, Hkv, T, D]` (RoPE applied), positions `[B, T]` -> `[B, H, T, D]`."""
@@ -275,9 +285,7 @@ class Transformer(nn.Module):
         """tokens `[B, T]` -> final normed hidden states `[B, T, dim]`."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        x = self.embed(tokens)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
+        x = scale_embeddings(self.embed(tokens), self.config)
         inv_freq = rope_inv_freq(self.config, device=tokens.device)
         cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
         for block in self.layers:
@@ -290,5 +298,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, cache)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(h)
-        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
+        return scale_logits(self.output(h), self.config)

@@ -216,3 +216,13 @@ def test_int8_and_speculative(family, smollm2_tokenizer_dir, tmp_path):
     target, draft = Generator(fp32, eos_ids=[]), Generator(int8, eos_ids=[])
     spec = SpeculativeGenerator(target, draft, 3).generate(prompt, params)
     assert spec.token_ids == target.generate([prompt], params)[0].token_ids == hf_greedy(hf, prompt, 12)
+
+
+@pytest.mark.parametrize("mode,family", [("tp", "qwen2"), ("pp", "granite")])
+def test_parallel_cli_matches_single_process(mode, family, smollm2_tokenizer_dir, tmp_path):
+    """2 gloo ranks: tp slices Qwen2's q/k/v bias by heads; pp's first stage applies Granite's embedding
+    multiplier (greedy tokens cannot see `logits_scaling`, a positive divisor)."""
+    from tests.parallel.conftest import generate_cli, reference_ids
+
+    save_and_load(hf_family_model(family, vocab_size=49152), tmp_path, smollm2_tokenizer_dir)
+    assert generate_cli(mode, tmp_path, n=8)["token_ids"] == reference_ids(tmp_path, 8)
