@@ -226,3 +226,29 @@ def test_parallel_cli_matches_single_process(mode, family, smollm2_tokenizer_dir
 
     save_and_load(hf_family_model(family, vocab_size=49152), tmp_path, smollm2_tokenizer_dir)
     assert generate_cli(mode, tmp_path, n=8)["token_ids"] == reference_ids(tmp_path, 8)
+
+
+def test_context_parallel_refuses_sliding_window():
+    from fmstack.config import named_config
+    from fmstack.errors import ParameterError
+    from fmstack.parallel.dist import DistInfo
+    from fmstack.parallel.ring import ContextParallel
+
+    plan = ContextParallel(DistInfo(0, 2, 0, torch.device("cpu")), group=object())
+    with pytest.raises(ParameterError, match="--parallel cp: sliding-window attention"):
+        plan.build(named_config("tiny-gqa").replace(sliding_window=4), torch.device("meta"), torch.float32)
+
+
+def test_bad_family_configs_raise_clear_errors():
+    from fmstack.config import ModelConfig
+    from fmstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sliding_window must be a positive"):
+        ModelConfig(vocab_size=8, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8, sliding_window=0)
+    with pytest.raises(ConfigError, match="logits_scaling must be positive"):
+        ModelConfig(vocab_size=8, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=8, logits_scaling=0.0)
+    qwen2 = hf_family_model("qwen2").config.to_dict()
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        from_hf_config(dict(qwen2, use_sliding_window=True))
+    with pytest.raises(ConfigError, match="attention_bias"):
+        from_hf_config(dict(hf_family_model("qwen3").config.to_dict(), attention_bias=True))
