@@ -15,7 +15,7 @@ from fmstack.checkpoints.base import load_weights
 from fmstack.checkpoints.hf import hf_name_to_canonical
 from fmstack.checkpoints.meta import half_to_interleaved
 from fmstack.models.build import build_model
-from tests.checkpoints.conftest import add_gguf_tensor
+from tests.checkpoints.conftest import add_gguf_tensor, gguf_writer
 from tests.models.test_families import FAMILIES, hf_family_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -49,23 +49,10 @@ def write_family_gguf(hf, family: str, path: Path) -> Path:
     """F32 GGUF of `hf`; q/k rows interleaved per head except for the NEOX-RoPE archs (qwen2, qwen3)."""
     c, arch = hf.config, ARCH[family]
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{family}")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = gguf_writer(c, path, arch, head_dim)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
     _family_keys(w, family, c)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"tok{i}" for i in range(c.vocab_size)])
-    w.add_token_types([1] * c.vocab_size)
     for name, t in hf.state_dict().items():
         canon = hf_name_to_canonical(name)
         if canon is None or (canon == "output.weight" and c.tie_word_embeddings):
