@@ -252,3 +252,18 @@ def test_bad_family_configs_raise_clear_errors():
         from_hf_config(dict(qwen2, use_sliding_window=True))
     with pytest.raises(ConfigError, match="attention_bias"):
         from_hf_config(dict(hf_family_model("qwen3").config.to_dict(), attention_bias=True))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_quantize_command_round_trip(family, smollm2_tokenizer_dir, tmp_path):
+    """`fmstack quantize --mode int8` writes the bias / q-k norms and the family config; reloading
+    gives the in-memory int8 model's logits exactly."""
+    from fmstack.cli import main
+
+    save_and_load(hf_family_model(family), tmp_path / "hf", smollm2_tokenizer_dir)
+    assert main(["quantize", "--model", str(tmp_path / "hf"), "--mode", "int8", "--out", str(tmp_path / "q")]) == 0
+    saved, direct = load_model(str(tmp_path / "q")), load_model(str(tmp_path / "hf"), quantize="int8")
+    assert saved.config == direct.config
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(saved.model(tokens), direct.model(tokens), rtol=0, atol=0)
