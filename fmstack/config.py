@@ -24,7 +24,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a LLaMA-family decoder. `head_dim` defaults to dim // n_heads."""
+    """Shape of a LLaMA-family decoder. `head_dim` defaults to dim // n_heads.
+
+    Family fields (defaults give LLaMA): `qkv_bias` (Qwen2), `qk_norm` (Qwen3: per-head RMSNorm on
+    q and k before RoPE), `sliding_window` (Mistral: a query sees the last `sliding_window` positions,
+    itself included; None = all), and Granite's `embedding_multiplier`, `residual_multiplier`,
+    `attention_multiplier` (the SDPA scale; None = 1/sqrt(head_dim)) and `logits_scaling` (divisor)."""
 
     vocab_size: int
     dim: int
@@ -38,6 +43,14 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     head_dim: int = 0
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+
     name: str = "custom"
     # Mixtral-style sparse MoE FFN (`fmstack.models.moe`): n_experts experts of width ffn_dim, each
     # token uses n_experts_per_token of them; 0 = the dense SwiGLU FFN.
@@ -60,6 +73,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"config {self.name!r}: sliding_window must be a positive number of positions "
+                              f"or None (full attention), got {self.sliding_window}")
+        for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"config {self.name!r}: {key} must be positive, got {value}")
         self._check_experts()
 
     def _check_experts(self) -> None:
@@ -119,6 +139,27 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
                 max_seq_len=8192),
         ModelConfig(name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
                     ffn_dim=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+        # Other families at their published shapes (HF config.json of each model).
+        ModelConfig(name="qwen2.5-0.5b", vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                    ffn_dim=4864, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, tie_embeddings=True,
+                    qkv_bias=True),
+        ModelConfig(name="qwen2.5-7b", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                    ffn_dim=18944, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True),
+        ModelConfig(name="qwen3-0.6b", vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                    head_dim=128, ffn_dim=3072, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960,
+                    tie_embeddings=True, qk_norm=True),
+        ModelConfig(name="qwen3-8b", vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+                    head_dim=128, ffn_dim=12288, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm=True),
+        ModelConfig(name="granite-3.1-2b", vocab_size=49155, dim=2048, n_layers=40, n_heads=32, n_kv_heads=8,
+                    ffn_dim=8192, rope_theta=5e6, max_seq_len=131072, tie_embeddings=True,
+                    embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                    logits_scaling=8.0),
+        ModelConfig(name="granite-3.1-8b", vocab_size=49155, dim=4096, n_layers=40, n_heads=32, n_kv_heads=8,
+                    ffn_dim=12800, rope_theta=1e7, max_seq_len=131072, tie_embeddings=True,
+                    embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                    logits_scaling=16.0),
+        ModelConfig(name="mistral-7b", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                    ffn_dim=14336, rope_theta=10000.0, max_seq_len=32768, sliding_window=4096),
         # Tiny test configs: a Llama-2 style (MHA, tied) and a Llama-3 style (GQA, scaled RoPE, untied).
         ModelConfig(name="tiny-mha", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160,
                     max_seq_len=256, tie_embeddings=True),
@@ -148,26 +189,62 @@ def _require(data: dict[str, Any], key: str, source: str) -> Any:
     return data[key]
 
 
-_HF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"}
+# model_type -> the HF class fmstack mirrors (architectures are accepted by either name)
+_HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "qwen3": "Qwen3ForCausalLM", "granite": "GraniteForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
-def _hf_experts(data: dict[str, Any], source: str) -> dict[str, int]:
+def _hf_model_type(data: dict[str, Any], source: str) -> str:
+    """The family of a HF config: its `model_type`, else the first known `architectures` entry."""
+    arch = data.get("architectures") or []
+    model_type = data.get("model_type")
+    if model_type in _HF_MODEL_TYPES:
+        return model_type
+    for mt, cls in _HF_MODEL_TYPES.items():
+        if cls in arch:
+            return mt
+    raise ConfigError(
+        f"{source}: unknown architecture (model_type={model_type!r}, architectures={arch}); fmstack supports "
+        f"model_type {', '.join(repr(m) for m in _HF_MODEL_TYPES)}"
+    )
+
+
+def _hf_family_fields(data: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """The ModelConfig family fields of a HF config, and clear errors for variants fmstack does not run."""
+    if data.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported (the MLP has no biases)")
+    if model_type != "qwen2" and data.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true (biases on q/k/v and o) is not supported; "
+                          "only Qwen2's q/k/v bias is")
+    fields: dict[str, Any] = {}
+    if model_type == "qwen2":
+        fields["qkv_bias"] = True  # Qwen2Attention always has q/k/v biases (o_proj none)
+    if model_type == "qwen3":
+        fields["qk_norm"] = True
+    if model_type in ("qwen2", "qwen3") and data.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not supported")
+    if model_type in ("mistral", "mixtral") and data.get("sliding_window") is not None:
+        fields["sliding_window"] = int(data["sliding_window"])
+    if model_type == "granite":
+        fields.update(embedding_multiplier=float(data.get("embedding_multiplier", 1.0)),
+                      residual_multiplier=float(data.get("residual_multiplier", 1.0)),
+                      attention_multiplier=float(data.get("attention_multiplier", 1.0)),
+                      logits_scaling=float(data.get("logits_scaling", 1.0)))
+    return fields
+
+
+def _hf_experts(data: dict[str, Any], model_type: str, source: str) -> dict[str, int]:
     """MoE fields of a Mixtral config.json (`num_local_experts`, `num_experts_per_tok`); {} otherwise."""
-    if data.get("model_type") != "mixtral" and "MixtralForCausalLM" not in (data.get("architectures") or []):
+    if model_type != "mixtral":
         return {}
     return {"n_experts": int(_require(data, "num_local_experts", source)),
             "n_experts_per_token": int(_require(data, "num_experts_per_tok", source))}
 
 
 def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Build a config from a HF `config.json` dict (model_type llama, or mixtral: sparse MoE FFN)."""
-    arch = data.get("architectures") or []
-    model_type = data.get("model_type")
-    if model_type not in ("llama", "mixtral") and not set(arch) & _HF_ARCHITECTURES:
-        raise ConfigError(
-            f"{source}: unknown architecture (model_type={model_type!r}, architectures={arch}); "
-            "fmstack supports LLaMA-family models (model_type 'llama')"
-        )
+    """Build a config from a HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, granite, or
+    mixtral: the sparse MoE FFN)."""
+    model_type = _hf_model_type(data, source)
     n_heads = _require(data, "num_attention_heads", source)
     scaling = None
     rs = data.get("rope_scaling") or data.get("rope_parameters")
@@ -180,8 +257,6 @@ def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelCo
     theta = data.get("rope_theta")
     if theta is None and isinstance(rs, dict):
         theta = rs.get("rope_theta")
-    if data.get("attention_bias") or data.get("mlp_bias"):
-        raise ConfigError(f"{source}: attention_bias/mlp_bias are not supported")
     return ModelConfig(
         name=data.get("_name_or_path") or "hf",
         vocab_size=_require(data, "vocab_size", source),
@@ -196,7 +271,8 @@ def from_hf_config(data: dict[str, Any], source: str = "config.json") -> ModelCo
         max_seq_len=int(data.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         head_dim=int(data.get("head_dim") or 0),
-        **_hf_experts(data, source),
+        **_hf_family_fields(data, model_type, source),
+        **_hf_experts(data, model_type, source),
     )
 
 

@@ -23,6 +23,9 @@ per-expert projections (Mixtral's names), loaded into the stacked expert weights
 
     layers.{i}.feed_forward.gate.weight            [E, dim]
     layers.{i}.feed_forward.experts.{e}.w1.weight  [F, dim]   (w3 likewise; w2 [dim, F])
+
+Family extras, present only when the config has them: `layers.{i}.attention.w{q,k,v}.bias`
+`[H*D]`/`[Hkv*D]` (qkv_bias, Qwen2) and `layers.{i}.attention.{q,k}_norm.weight` `[D]` (qk_norm, Qwen3).
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def rename_tensor(name: str, global_names: dict[str, str], layer_re: re.Pattern,
     per-layer names by `layer_re` (groups: layer index, suffix) and `layer_names` (suffix -> canonical)."""
     if name in global_names:
         return global_names[name]
+    if name.endswith(".bias"):  # a bias maps like its weight (layer_re matches `.weight` names)
+        canon = rename_tensor(name[:-len("bias")] + "weight", {}, layer_re, layer_names)
+        return None if canon is None else canon[:-len("weight")] + "bias"
     m = layer_re.match(name)
     if m and m.group(2) in layer_names:
         return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
@@ -145,6 +151,13 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
             out[p + "attention.wq.weight"] = (attn.wqkv.weight, 0)
             out[p + "attention.wk.weight"] = (attn.wqkv.weight, q_rows)
             out[p + "attention.wv.weight"] = (attn.wqkv.weight, q_rows + kv_rows)
+        if attn.qkv_bias is not None:
+            out[p + "attention.wq.bias"] = (attn.qkv_bias, 0)
+            out[p + "attention.wk.bias"] = (attn.qkv_bias, q_rows)
+            out[p + "attention.wv.bias"] = (attn.qkv_bias, q_rows + kv_rows)
+        if attn.q_norm is not None:
+            out[p + "attention.q_norm.weight"] = (attn.q_norm.weight, 0)
+            out[p + "attention.k_norm.weight"] = (attn.k_norm.weight, 0)
         if isinstance(attn.wo, nn.Linear):
             out[p + "attention.wo.weight"] = (attn.wo.weight, 0)
         if cfg.n_experts:
@@ -196,6 +209,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                            p + q + "w2.weight": (config.dim, config.ffn_dim)})
         if config.n_experts:
             shapes[p + "feed_forward.gate.weight"] = (config.n_experts, config.dim)
+        if config.qkv_bias:
+            shapes.update({p + "attention.wq.bias": (config.q_dim,), p + "attention.wk.bias": (config.kv_dim,),
+                           p + "attention.wv.bias": (config.kv_dim,)})
+        if config.qk_norm:
+            shapes.update({p + "attention.q_norm.weight": (config.head_dim,),
+                           p + "attention.k_norm.weight": (config.head_dim,)})
     return shapes
 
 

@@ -1,8 +1,8 @@
 """GGUF checkpoints (llama.cpp): the header is parsed by `gguf_file`, tensors dequantized by `gguf_quants`.
 
-Only `general.architecture == "llama"` is supported. Tensors are dequantized to float32 one at a
-time, straight from the memory-mapped file; llama.cpp stores attn_q/attn_k rows in interleaved
-RoPE order, which is undone here.
+Architectures: `llama` (Mistral too: llama.cpp converts it as llama), `qwen2`, `qwen3`, `granite`.
+Tensors are dequantized to float32 one at a time; for llama and granite llama.cpp stores attn_q/attn_k
+rows in interleaved RoPE order, which is undone here (qwen2/qwen3 use NEOX RoPE: rows as HF's).
 `read_gguf_metadata` (and `Checkpoint.metadata`) give every key/value field as plain Python
 values, including the `tokenizer.ggml.*` arrays the tokenizer is built from."""
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,18 +28,22 @@ from fmstack.models.llama import rope_inv_freq
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "granite")
+# llama.cpp runs these with NEOX (rotate-half) RoPE, so its converter leaves q/k rows in HF order.
+_NEOX_ARCHITECTURES = ("qwen2", "qwen3")
 
 _GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
            "output.weight": "output.weight"}
 _LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
           "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-          "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+          "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+          "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
 def gguf_name_to_canonical(name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `layers.3.attention.wq.weight`; None for others (e.g. `rope_freqs.weight`)."""
+    """`blk.3.attn_q.weight` -> `layers.3.attention.wq.weight` (`.bias` likewise); None for others
+    (e.g. `rope_freqs.weight`)."""
     return rename_tensor(name, _GLOBAL, _LAYER_RE, _LAYER)
 
 
@@ -95,6 +99,22 @@ def _scaling_from_rope_freqs(factors: Tensor, base: ModelConfig, original: int, 
     return scaling
 
 
+def _family_fields(arch: str, k: Callable[..., Any]) -> dict[str, Any]:
+    """The ModelConfig family fields of an architecture, from its `{arch}.*` keys (`k(key, default)`)."""
+    if arch == "qwen2":
+        return {"qkv_bias": True}
+    if arch == "qwen3":
+        return {"qk_norm": True}
+    if arch == "granite":
+        scale = k("attention.scale", None)
+        return {"embedding_multiplier": _f32(k("embedding_scale", 1.0)),
+                "residual_multiplier": _f32(k("residual_scale", 1.0)),
+                "attention_multiplier": None if scale is None else _f32(scale),
+                "logits_scaling": _f32(k("logit_scale", 1.0))}
+    window = k("attention.sliding_window", None)  # llama arch: Mistral files that record their window
+    return {} if window is None else {"sliding_window": int(window)}
+
+
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo], file: GGUFFile) -> ModelConfig:
     """ModelConfig from GGUF metadata (`{arch}.*` keys) and the tensor table (vocab, tying, rope_freqs)."""
     path = file.path
@@ -127,6 +147,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo], file:
         ffn_dim=int(k("feed_forward_length")),
         norm_eps=_f32(k("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(k("rope.freq_base", 10000.0)),
         max_seq_len=int(k("context_length", 2048)), tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
+        **_family_fields(arch, k),
     )
     scaling_type = k("rope.scaling.type", "none")
     original = int(k("rope.scaling.original_context_length", 8192))
@@ -148,6 +169,7 @@ def open_gguf(path: Path) -> Checkpoint:
     meta = file.fields
     by_name = {t.name: t for t in file.tensors}
     config = config_from_gguf(meta, by_name, file)
+    config_arch = meta.get("general.architecture")
     shapes = expected_shapes(config)
     for t in file.tensors:
         canon = gguf_name_to_canonical(t.name)
@@ -172,7 +194,8 @@ def open_gguf(path: Path) -> Checkpoint:
             w = dequantize(t, file)
             file.release(t)
             heads = config.n_heads if "attn_q" in t.name else config.n_kv_heads
-            if t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.shape[0] % (2 * heads) == 0:
+            interleaved = config_arch not in _NEOX_ARCHITECTURES
+            if interleaved and t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.shape[0] % (2 * heads) == 0:
                 w = interleaved_to_half(w, heads)  # llama.cpp's converter interleaved the RoPE pairs
             yield canon, w
             del w

@@ -36,14 +36,16 @@ _LAYER = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
     "block_sparse_moe.gate": "feed_forward.gate",  # Mixtral router
+    "self_attn.q_norm": "attention.q_norm",  # Qwen3
+    "self_attn.k_norm": "attention.k_norm",
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _EXPERT_RE = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])$")  # Mixtral expert e's w1/w2/w3
 
 
 def hf_name_to_canonical(name: str) -> str | None:
-    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; None when the
-    tensor has no canonical counterpart (e.g. `rotary_emb.inv_freq`). Mixtral's
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight` (`.bias` likewise);
+    None when the tensor has no canonical counterpart (e.g. `rotary_emb.inv_freq`). Mixtral's
     `block_sparse_moe.experts.E.w1` keeps its name: `layers.3.feed_forward.experts.E.w1.weight`."""
     m = _LAYER_RE.match(name)
     expert = _EXPERT_RE.match(m.group(2)) if m else None

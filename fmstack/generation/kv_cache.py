@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
-from fmstack.models.llama import sdpa
+from fmstack.models.llama import causal_window_mask, sdpa
 
 
 class LayerKVBuffers(nn.Module):
@@ -71,6 +71,7 @@ class StaticKVCache(PaddedKVCache):
                  n_kv_heads: int | None = None, n_layers: int | None = None):
         shape = (batch_size, n_kv_heads or config.n_kv_heads, max_seq_len, config.head_dim)
         super().__init__(config, batch_size, max_seq_len, shape, n_layers or config.n_layers, dtype, device)
+        self.sliding_window = config.sliding_window
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k/v `[B, Hkv, T, D]` at slots `positions + pad`, then attend q over the whole cache."""
@@ -85,5 +86,6 @@ class StaticKVCache(PaddedKVCache):
         v_cache[rows, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
         key_slots = torch.arange(self.max_seq_len, device=q.device)
         q_slots = slots[:, None, :, None]  # [B, 1, T, 1]
-        visible = (key_slots <= q_slots) & ((key_slots >= pad[:, None, None, None]) | (key_slots == q_slots))
+        visible = causal_window_mask(key_slots, q_slots, self.sliding_window)  # slot - pad = position
+        visible = visible & ((key_slots >= pad[:, None, None, None]) | (key_slots == q_slots))
         return sdpa(q, k_cache, v_cache, mask=visible)

@@ -8,6 +8,11 @@ keys/values where `positions` say and returns the attention output. The static c
 (generation), the paged cache (serving) and ring attention (context parallel) implement it;
 `cache=None` means plain causal attention over the call's own tokens.
 Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per layer, not 7.
+
+Other LLaMA-shaped families are config fields on this one model, not subclasses (defaults = LLaMA):
+`qkv_bias` (Qwen2: a bias on the fused q/k/v projection), `qk_norm` (Qwen3: `HeadNorm`, RMSNorm over
+head_dim on q and k before RoPE), Granite's four multipliers (embedding, residual, attention scale,
+logits divisor), and `sliding_window` (Mistral: `causal_window_mask`, used by every cache's mask).
 A config with `n_experts` gets the sparse MoE FFN of `fmstack.models.moe` in every block.
 """
 
@@ -22,6 +27,16 @@ from torch import Tensor, nn
 
 from fmstack.config import ModelConfig
 from fmstack.models.moe import MoEFeedForward
+
+
+def scale_embeddings(x: Tensor, config: ModelConfig) -> Tensor:
+    """Token embeddings times Granite's `embedding_multiplier` (unchanged at 1.0)."""
+    return x if config.embedding_multiplier == 1.0 else x * config.embedding_multiplier
+
+
+def scale_logits(logits: Tensor, config: ModelConfig) -> Tensor:
+    """Logits divided by Granite's `logits_scaling` (unchanged at 1.0)."""
+    return logits if config.logits_scaling == 1.0 else logits / config.logits_scaling
 
 
 class AttentionCache(Protocol):
@@ -103,6 +118,16 @@ def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = Non
     return "none"
 
 
+def causal_window_mask(key_pos: Tensor, query_pos: Tensor, window: int | None) -> Tensor:
+    """Which keys a query may see: `key_pos <= query_pos`, and with a sliding `window` only the last
+    `window` positions (`key_pos > query_pos - window`, the query itself included), as HF's Mistral.
+    Broadcasts like `key_pos <= query_pos`; tensor ops only, so it compiles without guards on values."""
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible = visible & (key_pos > query_pos - window)
+    return visible
+
+
 def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
     """Inverse RoPE frequencies `[D/2]` (fp32), with Llama-3.1 scaling when configured."""
     d = config.head_dim
@@ -145,24 +170,48 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class HeadNorm(RMSNorm):
+    """Qwen3's q/k norm: RMSNorm over head_dim of `[B, heads, T, D]`, one weight `[D]` shared by all heads."""
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
         self.wqkv = nn.Linear(config.dim, config.q_dim + 2 * config.kv_dim, bias=False)
         self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+        # Qwen2's q/k/v bias is a parameter of its own, not wqkv's: int8/int4 modules and LoRA wrappers
+        # that replace wqkv then keep it without knowing about biases.
+        self.qkv_bias = nn.Parameter(torch.zeros(config.q_dim + 2 * config.kv_dim)) if config.qkv_bias else None
+        self.q_norm = HeadNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        # Granite's attention scale replaces SDPA's 1/sqrt(D): pre-scaling q keeps the `attend` seam as is.
+        m = config.attention_multiplier
+        self.q_scale = None if m is None else m * math.sqrt(config.head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: AttentionCache | None) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        qkv = self.wqkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is None:
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        if cache is None and self.sliding_window is None:
             out = sdpa(q, k, v, is_causal=True)
+        elif cache is None:
+            pos = torch.arange(T, device=q.device)
+            out = sdpa(q, k, v, mask=causal_window_mask(pos, pos[:, None], self.sliding_window))
         else:
             out = cache.attend(self.layer, q, k, v, positions)
         return self.wo(out.transpose(1, 2).reshape(B, T, q_dim))
@@ -189,11 +238,15 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoEFeedForward(config) if config.n_experts else FeedForward(config)
+        self.residual_multiplier = config.residual_multiplier  # Granite scales each branch; 1.0 elsewhere
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: AttentionCache | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        m = self.residual_multiplier
+        attn = self.attn(self.attn_norm(x), cos, sin, positions, cache)
+        x = x + (attn if m == 1.0 else attn * m)
+        mlp = self.mlp(self.mlp_norm(x))
+        return x + (mlp if m == 1.0 else mlp * m)
 
 
 class Transformer(nn.Module):
@@ -234,7 +287,7 @@ class Transformer(nn.Module):
         """tokens `[B, T]` -> final normed hidden states `[B, T, dim]`."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        x = self.embed(tokens)
+        x = scale_embeddings(self.embed(tokens), self.config)
         inv_freq = rope_inv_freq(self.config, device=tokens.device)
         cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
         for block in self.layers:
@@ -247,4 +300,4 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, cache)
         if last_only:
             h = h[:, -1:]
-        return self.output(h)
+        return scale_logits(self.output(h), self.config)

@@ -26,7 +26,7 @@ from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.models.build import build_meta, materialize_meta
-from fmstack.models.llama import Transformer, rope_cos_sin, rope_inv_freq
+from fmstack.models.llama import Transformer, rope_cos_sin, rope_inv_freq, scale_embeddings, scale_logits
 from fmstack.parallel.dist import DistInfo, fault_point
 from fmstack.parallel.plan import WholeTensors, chunk
 
@@ -145,7 +145,7 @@ class PipelineModel(nn.Module):
 
     def _stage_input(self, tokens: Tensor, positions: Tensor) -> Tensor:
         if self.first:
-            x = self.embed(tokens)
+            x = scale_embeddings(self.embed(tokens), self.config)
         else:
             x = torch.empty(*tokens.shape, self.config.dim, dtype=self.dtype, device=self._device())
             dist.recv(x, src=self.rank - 1)
@@ -164,7 +164,7 @@ class PipelineModel(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         x = self._run_layers(self._stage_input(tokens, positions), positions, cache)
         if self.last:
-            logits = self.output.proj(x[:, -1:] if last_only else x).contiguous()
+            logits = scale_logits(self.output.proj(x[:, -1:] if last_only else x), self.config).contiguous()
         else:
             dist.send(x.contiguous(), dst=self.rank + 1)
             B, T = tokens.shape

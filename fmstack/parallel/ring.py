@@ -304,6 +304,9 @@ class ContextParallel(WholeTensors):
         self.group = group if group is not None else dist.group.WORLD
 
     def build(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+        if config.sliding_window is not None:
+            raise ParameterError(f"--parallel cp: sliding-window attention (sliding_window={config.sliding_window}) "
+                                 "is not supported by ring attention; use tp or pp")
         log.info("cp rank %d/%d: whole model, 1/%d of each sequence", self.info.rank, self.info.world_size,
                  self.info.world_size)
         return build_model(config, device, dtype)

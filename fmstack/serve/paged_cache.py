@@ -33,7 +33,7 @@ from fmstack.backends import maybe_mark_dynamic
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import LayerKVBuffers
-from fmstack.models.llama import sdpa
+from fmstack.models.llama import causal_window_mask, sdpa
 
 NULL_BLOCK = 0
 
@@ -185,6 +185,7 @@ class PagedKVCache(LayerKVBuffers):
         super().__init__(config.n_layers, (num_blocks * block_size, config.n_kv_heads, config.head_dim), dtype,
                          device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.sliding_window = config.sliding_window
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -215,7 +216,8 @@ class PagedAttention:
             kg = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
             vg = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
             key_pos = torch.arange(g.kv_slots.shape[1], device=q.device)
-            mask = (key_pos[None, None, :] <= g.q_pos[:, :, None])[:, None]  # [S, 1, Q, L]
+            mask = causal_window_mask(key_pos[None, None, :], g.q_pos[:, :, None], self.cache.sliding_window)
+            mask = mask[:, None]  # [S, 1, Q, L]
             og = sdpa(qg, kg, vg, mask=mask)  # [S, H, Q, D]
             outs.append(og.transpose(1, 2).reshape(S * Q, og.shape[1], og.shape[3]))
         flat = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sum S*Q, H, D]

@@ -165,11 +165,8 @@ def add_gguf_tensor(w: gguf.GGUFWriter, name: str, arr: np.ndarray, qtype: gguf.
         w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
 
 
-def write_gguf(model: LlamaForCausalLM, path: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
-               extra_tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
-    """Write a llama GGUF the way llama.cpp's converter does (q/k rows interleaved per head)."""
-    c = model.config
-    head_dim = c.hidden_size // c.num_attention_heads
+def gguf_writer(c, path: Path, arch: str, head_dim: int) -> gguf.GGUFWriter:
+    """A GGUFWriter holding the hyper-parameters of HF config `c` and a placeholder gpt2 vocabulary."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test")
     w.add_block_count(c.num_hidden_layers)
@@ -185,6 +182,15 @@ def write_gguf(model: LlamaForCausalLM, path: Path, qtype=gguf.GGMLQuantizationT
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"tok{i}" for i in range(c.vocab_size)])
     w.add_token_types([1] * c.vocab_size)
+    return w
+
+
+def write_gguf(model: LlamaForCausalLM, path: Path, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama",
+               extra_tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
+    """Write a llama GGUF the way llama.cpp's converter does (q/k rows interleaved per head)."""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    w = gguf_writer(c, path, arch, head_dim)
     if (c.rope_parameters or {}).get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, c.rope_parameters["rope_theta"],
                                                                c.rope_parameters))
