@@ -252,7 +252,7 @@ def _logit_processing(body: dict, vocab: int) -> dict[str, Any]:
 def logit_bias(v: Any, vocab: int) -> tuple[tuple[int, float], ...]:
     """{"token id": bias} -> sorted (id, bias) pairs; ids in [0, vocab), biases in [-100, 100]."""
     if not isinstance(v, dict):
-        raise bad("logit_bias", f'must be an object mapping token ids to biases, like {{"50256": -100}}')
+        raise bad("logit_bias", 'must be an object mapping token ids to biases, like {"50256": -100}')
     if len(v) > MAX_LOGIT_BIAS:
         raise bad("logit_bias", f"has {len(v)} entries; at most {MAX_LOGIT_BIAS} are allowed")
     pairs = []
