@@ -38,6 +38,20 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def prefill_then_decode(model, tokens, n_prefill: int, max_seq_len: int = 32):
+    """Logits `[B, T, V]` of `model` over `tokens` `[B, T]` through a static cache: one prefill of the
+    first `n_prefill` tokens, then the rest one at a time (what generation does)."""
+    from fmstack.generation.kv_cache import StaticKVCache
+
+    B, T = tokens.shape
+    cache = StaticKVCache(model.config, batch_size=B, max_seq_len=max_seq_len)
+    positions = torch.arange(T).expand(B, -1)
+    got = [model(tokens[:, :n_prefill], positions[:, :n_prefill], cache)]
+    for t in range(n_prefill, T):
+        got.append(model(tokens[:, t:t + 1], positions[:, t:t + 1], cache))
+    return torch.cat(got, dim=1)
+
+
 def hf_llama_config(style: str, **overrides):
     """Tiny random HF LlamaConfig: 'llama2' (MHA, tied, no scaling) or 'llama3' (GQA, llama3 rope scaling, untied)."""
     from transformers import LlamaConfig

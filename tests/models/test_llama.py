@@ -10,7 +10,7 @@ from fmstack.config import ModelConfig, RopeScaling, from_hf_config, named_confi
 from fmstack.errors import ConfigError
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.models.llama import Transformer, rope_inv_freq
-from tests.conftest import hf_and_ours, hf_llama_config
+from tests.conftest import hf_and_ours, hf_llama_config, prefill_then_decode
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -30,13 +30,7 @@ def test_cached_decode_matches_hf(style):
     """Prefill 11 tokens, then decode 9 one at a time through the static cache."""
     hf, ours = hf_and_ours(style)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
-    expected = hf(tokens).logits
-    cache = StaticKVCache(ours.config, batch_size=2, max_seq_len=32)
-    positions = torch.arange(20).expand(2, -1)
-    got = [ours(tokens[:, :11], positions[:, :11], cache)]
-    for t in range(11, 20):
-        got.append(ours(tokens[:, t:t + 1], positions[:, t:t + 1], cache))
-    torch.testing.assert_close(torch.cat(got, dim=1), expected, **TOL)
+    torch.testing.assert_close(prefill_then_decode(ours, tokens, 11), hf(tokens).logits, **TOL)
 
 
 @torch.no_grad()

@@ -13,13 +13,14 @@ from fmstack.backends import compile_counters
 from fmstack.config import ModelConfig, from_hf_config, named_config
 from fmstack.errors import ConfigError, ParameterError
 from fmstack.generation.generate import Generator
-from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import SamplingParams
 from fmstack.loading import load_model
 from fmstack.models.llama import Transformer
 from fmstack.models.moe import MoEFeedForward
 from fmstack.quant import QuantSpec, quantize_model, spec_of
 from fmstack.quant.experts import Int8ExpertLinear
+
+from tests.conftest import prefill_then_decode
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 VOCAB = 256
@@ -80,13 +81,7 @@ def test_cached_decode_matches_hf(hf_and_ours):
     compared with it below and run compiled in the compiled test)."""
     hf, ours = hf_and_ours
     tokens = tokens_of(2, (2, 17))
-    expected = hf(tokens).logits
-    cache = StaticKVCache(ours.config, batch_size=2, max_seq_len=32)
-    positions = torch.arange(17).expand(2, -1)
-    got = [ours(tokens[:, :9], positions[:, :9], cache)]
-    for t in range(9, 17):
-        got.append(ours(tokens[:, t:t + 1], positions[:, t:t + 1], cache))
-    torch.testing.assert_close(torch.cat(got, dim=1), expected, **TOL)
+    torch.testing.assert_close(prefill_then_decode(ours, tokens, 9), hf(tokens).logits, **TOL)
 
 
 @torch.no_grad()
