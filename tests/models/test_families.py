@@ -35,13 +35,18 @@ FAMILIES = {
                      logits_scaling=8.0, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW, tie_word_embeddings=False)),
 }
+# Mixtral's own tests are tests/models/test_moe.py; here it joins the CLI check of every family
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+}
 
 
 def hf_family_model(family: str, vocab_size: int = 512, seed: int = 0):
     """A random HF model of `family` with randomised norms and biases, in eval mode."""
     import transformers
 
-    cfg_cls, model_cls, overrides = FAMILIES[family]
+    cfg_cls, model_cls, overrides = {**FAMILIES, **MOE_FAMILIES}[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **_COMMON, **overrides)
     model = getattr(transformers, model_cls)(cfg).float().eval()
@@ -144,7 +149,7 @@ def test_compiled_equals_eager(family, smollm2_tokenizer_dir, tmp_path):
     assert compiled == eager == [hf_greedy(hf, p, 10) for p in prompts]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES])
 def test_cli_generate_json_matches_hf(family, smollm2_tokenizer_dir, tmp_path, capsys):
     """`fmstack generate --model DIR --json` on random tiny weights + SmolLM2's tokenizer: HF's greedy ids."""
     from fmstack.cli import main
