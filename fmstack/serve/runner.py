@@ -19,6 +19,7 @@ from torch.nn.attention import sdpa_kernel
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.generation.sampling import sample_rows
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
+from fmstack.serve.structured import apply_masks
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 
 
@@ -127,6 +128,7 @@ class ModelRunner:
     def _sample(self, to_sample: list[tuple[ScheduledChunk, int]], logits: Tensor, out: RunnerOutput) -> None:
         rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]  # [B, V]
         seqs = [c.seq for c, _ in to_sample]
+        apply_masks(rows, [s.matcher for s in seqs])  # constrained rows only: disallowed tokens to -inf
         ids = sample_rows(rows, [s.params.sampling for s in seqs], [s.generator for s in seqs]).tolist()
         lps = rows.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
         for i, (seq, tok) in enumerate(zip(seqs, ids)):
