@@ -76,9 +76,15 @@ def _choice_grammar(choices: list[str]) -> str:
     return llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
 
 
+def _json_grammar(schema: Any) -> str:
+    """JSON on one line (no free whitespace: a small model can otherwise emit newlines until max_tokens)."""
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_COMPACT)
+
+
+_COMPACT = {"whitespace_flexible": False}
 _BUILDERS = {
-    "json_schema": lambda v: llguidance.LLMatcher.grammar_from_json_schema(json.dumps(v)),
-    "json_object": lambda _: llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"})),
+    "json_schema": _json_grammar,
+    "json_object": lambda _: _json_grammar({"type": "object"}),
     "regex": lambda v: llguidance.LLMatcher.grammar_from_regex(v),
     "choice": _choice_grammar,
 }

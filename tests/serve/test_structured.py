@@ -253,3 +253,25 @@ def test_tools_without_template_support_400(server):
     r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
                                   tool_choice="none", max_tokens=4)
     assert r.choices[0].message.tool_calls is None
+
+
+def test_generator_follows_json_schema(smol_tok):
+    from fmstack.config import ModelConfig
+    from fmstack.generation.generate import Generator
+    from fmstack.generation.sampling import SamplingParams
+    from fmstack.models.build import build_model
+
+    cfg = ModelConfig(name="tiny", vocab_size=49152, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                      max_seq_len=256, tie_embeddings=True)
+    model = build_model(cfg)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    c = compile_constraint(smol_tok, "json_schema", schema)
+    prompt = smol_tok.encode("Answer:")
+    free, constrained = Generator(model, smol_tok).generate(
+        [prompt, prompt], [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=60, temperature=1.0,
+                                                                             seed=1)], constraints=[None, c])
+    jsonschema.validate(json.loads(constrained.text), schema)
+    assert constrained.finish_reason == "stop"
+    assert free.text == Generator(model, smol_tok).generate([prompt], SamplingParams(max_new_tokens=12))[0].text
