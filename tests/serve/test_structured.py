@@ -55,8 +55,8 @@ def smol_tok(smollm2_gguf):
 
 
 # -- without a server ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,value,text", [("json_schema", PERSON, '{"name": "Al", "age": 3, "hobbies": []}'),
-                                             ("json_object", None, '{"a": [1, 2]}'), ("regex", r"\d{3}-[a-z]{2}", "123-ab"),
+@pytest.mark.parametrize("kind,value,text", [("json_schema", PERSON, '{"name":"Al","age":3,"hobbies":[]}'),
+                                             ("json_object", None, '{"a":[1,2]}'), ("regex", r"\d{3}-[a-z]{2}", "123-ab"),
                                              ("choice", ["yes", "no way"], "no way")])
 def test_mask_allows_exactly_the_grammar(smol_tok, kind, value, text):
     c = compile_constraint(smol_tok, kind, value)
