@@ -46,59 +46,46 @@ def bench_xgrammar(tok, vocab: int, doc_ids: list[int]) -> dict:
     out = {"version": xgr.__version__ if hasattr(xgr, "__version__") else "?", "setup_ms": setup,
            "compile_json_schema_ms": compile_ms}
     for batch in (1, 16):
-        matchers = [xgr.GrammarMatcher(grammar) for _ in range(batch)]
-        mask = xgr.allocate_token_bitmask(batch, vocab)
-        logits = torch.randn(batch, vocab)
-        per_tok = []
-        for tid in doc_ids:
-            t = time.perf_counter()
-            for i, m in enumerate(matchers):
-                m.fill_next_token_bitmask(mask, i)
-            xgr.apply_token_bitmask_inplace(logits, mask)
-            per_tok.append((time.perf_counter() - t) * 1000)
-            for m in matchers:
-                assert m.accept_token(tid)
-        out[f"mask_ms_per_token_b{batch}"] = statistics.median(per_tok)
+        out[f"mask_ms_per_token_b{batch}"] = _mask_loop(
+            [xgr.GrammarMatcher(grammar) for _ in range(batch)], xgr.allocate_token_bitmask(batch, vocab), vocab,
+            doc_ids, lambda m, mask, i: m.fill_next_token_bitmask(mask, i), xgr.apply_token_bitmask_inplace,
+            lambda m, tid: m.accept_token(tid))
     return out
 
 
-class _Gtok:
-    def __init__(self, tok):
-        self.tok = tok
-        self.eos_token_id = min(tok.eos_ids)
-        self.bos_token_id = None
-        self.tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]
-        self.special_token_ids = sorted(tok.eos_ids)
-
-    def __call__(self, s):
-        return self.tok.encode(s, add_bos=False)
+def _mask_loop(matchers, mask, vocab, doc_ids, fill, apply, consume) -> float:
+    """Median ms per token to fill every matcher's mask row and apply the masks, along a valid document."""
+    logits = torch.randn(len(matchers), vocab)
+    per_tok = []
+    for tid in doc_ids:
+        t = time.perf_counter()
+        for i, m in enumerate(matchers):
+            fill(m, mask, i)
+        apply(logits, mask)
+        per_tok.append((time.perf_counter() - t) * 1000)
+        for m in matchers:
+            assert consume(m, tid)
+    return statistics.median(per_tok)
 
 
 def bench_llguidance(tok, vocab: int, doc_ids: list[int]) -> dict:
     import llguidance
     import llguidance.torch as llt
 
+    from fmstack.serve.structured import grammar_tokenizer
+
     t = time.perf_counter()
-    lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Gtok(tok)))
+    lltok = grammar_tokenizer(tok)
     setup = (time.perf_counter() - t) * 1000
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
     compile_ms = statistics.median(_ms(lambda: llguidance.LLMatcher(lltok, grammar)) for _ in range(3))
     out = {"version": llguidance.get_version() if hasattr(llguidance, "get_version") else "?", "setup_ms": setup,
            "compile_json_schema_ms": compile_ms}
     for batch in (1, 16):
-        matchers = [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)]
-        mask = llt.allocate_token_bitmask(batch, vocab)
-        logits = torch.randn(batch, vocab)
-        per_tok = []
-        for tid in doc_ids:
-            t = time.perf_counter()
-            for i, m in enumerate(matchers):
-                llt.fill_next_token_bitmask(m, mask, i)
-            llt.apply_token_bitmask_inplace(logits, mask)
-            per_tok.append((time.perf_counter() - t) * 1000)
-            for m in matchers:
-                assert m.consume_token(tid), m.get_error()
-        out[f"mask_ms_per_token_b{batch}"] = statistics.median(per_tok)
+        out[f"mask_ms_per_token_b{batch}"] = _mask_loop(
+            [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)], llt.allocate_token_bitmask(batch, vocab),
+            vocab, doc_ids, lambda m, mask, i: llt.fill_next_token_bitmask(m, mask, i), llt.apply_token_bitmask_inplace,
+            lambda m, tid: m.consume_token(tid))
     return out
 
 

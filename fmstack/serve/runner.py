@@ -19,8 +19,8 @@ from torch.nn.attention import sdpa_kernel
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.generation.sampling import sample_rows
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
-from fmstack.serve.structured import apply_masks
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
+from fmstack.serve.structured import apply_masks
 
 
 @dataclass
