@@ -100,15 +100,10 @@ def compile_constraint(tok, kind: str, value: Any = None) -> Constraint:
     except (ValueError, RuntimeError, TypeError) as e:
         raise ParameterError(f"the {kind.replace('_', ' ')} cannot be compiled: {str(e)[:300]}") from None
     lltok = grammar_tokenizer(tok)
-    ok, _, error = _validate(grammar, lltok)
-    if not ok:
+    error = llguidance.LLMatcher.validate_grammar(grammar, lltok)  # "" when the grammar is fine
+    if error:
         raise ParameterError(f"the {kind.replace('_', ' ')} cannot be compiled: {error[:300]}")
     return Constraint(kind, grammar, lltok)
-
-
-def _validate(grammar: str, lltok) -> tuple[bool, list, str]:
-    error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
-    return (not error, [], error or "")
 
 
 class Matcher:

@@ -275,3 +275,21 @@ def test_generator_follows_json_schema(smol_tok):
     jsonschema.validate(json.loads(constrained.text), schema)
     assert constrained.finish_reason == "stop"
     assert free.text == Generator(model, smol_tok).generate([prompt], SamplingParams(max_new_tokens=12))[0].text
+
+
+def test_cli_generate_json_schema(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "bad.json").write_text('{"type": "nonsense"}')
+    base = [sys.executable, "-m", "fmstack", "generate", "Answer:", "--model", str(tiny_ckpt), "--max-new-tokens", "20"]
+    out = subprocess.run(base + ["--json-schema", str(tmp_path / "s.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout.strip().splitlines()[-1]), schema)
+    out = subprocess.run(base + ["--json-schema", str(tmp_path / "bad.json")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "--json-schema" in out.stderr
