@@ -28,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON "
-                                                          "schema file")
+                                                          "schema file (default: unconstrained)")
     add_speculative_args(p)
 
 
