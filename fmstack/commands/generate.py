@@ -10,9 +10,10 @@ import sys
 from fmstack.commands.common import (add_model_args, add_sampling_args, add_speculative_args,
                                      check_speculative_args, load_draft, load_from_args, sampling_params,
                                      want_compile)
-from fmstack.errors import FmstackError
+from fmstack.errors import FmstackError, ParameterError
 from fmstack.generation.generate import Generator
 from fmstack.generation.speculative import SpeculativeGenerator
+from fmstack.generation.structured import Constraint, compile_constraint
 
 log = logging.getLogger("fmstack")
 
@@ -26,6 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this JSON "
+                                                          "schema file (default: unconstrained)")
     add_speculative_args(p)
 
 
@@ -40,20 +43,39 @@ def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
     return tok.encode(text)
 
 
+def _json_schema(args: argparse.Namespace, tok) -> Constraint | None:
+    """--json-schema FILE compiled for this tokenizer; FmstackError naming the option otherwise."""
+    if not args.json_schema:
+        return None
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FmstackError(f"--json-schema {args.json_schema}: cannot read a JSON schema from it ({e})") from None
+    try:
+        return compile_constraint(tok, "json_schema", schema)
+    except ParameterError as e:
+        raise FmstackError(f"--json-schema {args.json_schema}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     check_speculative_args(args)
     loaded = load_from_args(args)
     prompt_ids = _prompt_ids(args, loaded.tokenizer)
+    constraint = _json_schema(args, loaded.tokenizer)
     gen = Generator(loaded.model, loaded.tokenizer, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
     stream = (lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush())) if args.stream else None
     draft = load_draft(args)
+    if draft is not None and constraint is not None:
+        raise FmstackError("--json-schema cannot be combined with speculative decoding (--draft-model / "
+                           "--draft-quantize)")
     k = 4 if args.speculate_k is None else args.speculate_k
     if draft is not None:
         draft_gen = Generator(draft.model, draft.tokenizer, compile=want_compile(args), sdpa_backend=args.sdpa_backend)
         result = SpeculativeGenerator(gen, draft_gen, k).generate(prompt_ids, params, on_text=stream)
     else:
-        result = gen.generate([prompt_ids], params, on_text=stream)[0]
+        result = gen.generate([prompt_ids], params, on_text=stream, constraints=[constraint])[0]
     if args.stream:
         sys.stdout.write("\n")
     if params.max_new_tokens == 0:

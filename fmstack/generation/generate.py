@@ -21,6 +21,7 @@ from fmstack.generation.sampling import (SamplingParams, adjust_logits, exponent
                                         min_p_tensor, sample, sampling_tensors)
 from fmstack.generation.stopping import StopChecker
 from fmstack.models.llama import sdpa_backend_name
+from fmstack.generation.structured import Constraint, apply_masks
 
 SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
@@ -73,6 +74,7 @@ class _Row:
     stops: StopChecker
     result: GenerationResult = field(default_factory=lambda: GenerationResult([]))
     done: bool = False
+    matcher: object | None = None  # grammar state of a constrained row (structured.Matcher)
 
 
 class Generator:
@@ -177,6 +179,17 @@ class Generator:
         (pytorch issue 152887). The clone is B integers."""
         return self._decode_step(tokens, positions, cache, *sampling).clone()
 
+    def _masked_step(self, matchers: list, tokens: Tensor, positions: Tensor, cache: StaticKVCache,
+                     temperature: Tensor, top_k: Tensor, top_p: Tensor, noise: Tensor | None,
+                     min_p: Tensor | None = None, scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """Prefill or decode with grammar masks (`--json-schema`): the forward, the constrained rows'
+        masks on their logits, then the same adjustments and sampler as `_decode_impl` (eager: the
+        masks are host work)."""
+        logits = self.logits(tokens, positions, cache)[:, -1].float()
+        apply_masks(logits, matchers)
+        logits = adjust_logits(logits, scale, add)
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
+
     def ensure_cache(self, batch_size: int, seq_len: int) -> StaticKVCache:
         cfg = self.model.config
         limit = self.max_seq_len or cfg.max_seq_len
@@ -194,8 +207,10 @@ class Generator:
     @with_recompile_limit  # compiled: Dynamo's process-wide recompile limit is raised while this runs
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 on_text: Callable[[int, str], None] | None = None) -> list[GenerationResult]:
-        """Generate for each prompt (token ids); `on_text(row, delta)` streams text as it is produced."""
+                 on_text: Callable[[int, str], None] | None = None,
+                 constraints: Sequence[Constraint | None] | None = None) -> list[GenerationResult]:
+        """Generate for each prompt (token ids); `on_text(row, delta)` streams text as it is produced;
+        `constraints` (one per prompt, None for free rows): the output follows that grammar."""
         if not prompts:
             raise ParameterError("prompts must contain at least one prompt")
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -214,7 +229,13 @@ class Generator:
         B, L = len(prompts), max(len(p) for p in prompts)
         max_new = max(p.max_new_tokens for p in plist)
         cache = self.ensure_cache(B, L + max_new)
-        rows = [_Row(p, StopChecker(p, self.eos_ids, self.tokenizer)) for p in plist]
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ParameterError(f"got {len(constraints)} constraints for {len(prompts)} prompts")
+        matchers = [c.matcher() if c is not None else None for c in constraints or [None] * B]
+        rows = [_Row(p, StopChecker(p, self.eos_ids, self.tokenizer), matcher=m) for p, m in zip(plist, matchers)]
+        prefill, decode = self._prefill, self._decode
+        if any(m is not None for m in matchers):
+            prefill = decode = lambda *a: self._masked_step(matchers, *a)  # noqa: E731
         dev = self.device
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
         tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=dev)
@@ -243,7 +264,7 @@ class Generator:
             history = [list(p) + r.result.token_ids for p, r in zip(prompts, rows)]
             return logit_adjustments(plist, history, [len(p) for p in prompts], stop_ids, vocab, dev)
 
-        next_ids = self._prefill(tokens, positions, cache, *sampling, noise(), min_p, *adjustments())
+        next_ids = prefill(tokens, positions, cache, *sampling, noise(), min_p, *adjustments())
         next_positions = torch.tensor([len(p) for p in prompts], device=dev)[:, None]
         t_first = None
         while True:
@@ -255,8 +276,7 @@ class Generator:
                     self._accept(i, r, tok, on_text)
             if all(r.done for r in rows):
                 break
-            next_ids = self._decode(next_ids[:, None], next_positions, cache, *sampling, noise(), min_p,
-                                    *adjustments())
+            next_ids = decode(next_ids[:, None], next_positions, cache, *sampling, noise(), min_p, *adjustments())
             next_positions = next_positions + 1
         t_end = time.perf_counter()
         for r in rows:
@@ -268,6 +288,10 @@ class Generator:
         res = r.result
         res.token_ids.append(tok)  # a stop token is kept in token_ids, not in text
         delta = r.stops.add(tok)
+        if r.matcher is not None and not r.stops.finished:
+            r.matcher.accept(tok)
+            if r.matcher.done:  # the grammar is complete
+                delta += r.stops.end()
         if on_text and delta:
             on_text(i, delta)
         if r.stops.finished:

@@ -84,6 +84,11 @@ class StopChecker:
         """All text so far (cut at a stop string)."""
         return self.detok.text if self.detok is not None else ""
 
+    def end(self, reason: str = STOP) -> str:
+        """Finish now for a reason decided outside (a completed grammar); returns the held-back text."""
+        self.finish_reason = reason
+        return self.detok.flush() if self.detok is not None else ""
+
     def add(self, token_id: int) -> str:
         """Account for one generated token; returns its text delta (with the held-back tail once finished)."""
         if self.finished:

@@ -350,6 +350,10 @@ class Engine:
     def _accept(self, seq: Sequence, tok: int, logprob: TokenLogprob | None) -> None:
         self.n_generated += 1
         text = seq.stops.add(tok)
+        if seq.matcher is not None and not seq.stops.finished:
+            seq.matcher.accept(tok)
+            if seq.matcher.done:  # the grammar is complete: nothing but EOS could follow
+                text += seq.stops.end()
         if seq.stops.finished:
             self._finish(seq, seq.stops.finish_reason)
         self._emit(seq, [tok], text, None if logprob is None else [logprob])

@@ -20,8 +20,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmstack.errors import ParameterError
 from fmstack.generation.sampling import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, PENALTY_RANGE, SamplingParams
+from fmstack.generation.structured import parse_response_format
 from fmstack.serve.engine import MAX_LOGPROBS
+from fmstack.serve.tools import check_tool_choice, check_tools
 
 MAX_STOP = 16
 MAX_PROMPTS = 64
@@ -160,6 +163,7 @@ class Common:
     include_usage: bool = False
     stop_token_ids: tuple[int, ...] = ()
     n: int = 1
+    constraint: tuple[str, Any] | None = None  # (kind, value) for structured.compile_constraint
 
     def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
         """The params of choice `choice` of a prompt: a seeded request's choices get seeds seed + choice
@@ -178,7 +182,7 @@ def _one_only(name: str, v: Any) -> None:
 def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
     known = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "stream_options",
              "n", "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
-             "stop_token_ids", "min_tokens", "min_p"} | allowed_extra
+             "stop_token_ids", "min_tokens", "min_p", "response_format", "guided_regex", "guided_choice"} | allowed_extra
     for key in body:
         if key not in known:
             raise APIError(400, f"Unrecognized request argument supplied: {ascii(key)[1:-1]}", param=key)
@@ -226,7 +230,7 @@ def _common(body: dict, allowed_extra: set[str], vocab: int) -> Common:
         if not isinstance(v, list) or not all(_is_int(t) and 0 <= t < vocab for t in v):
             raise bad("stop_token_ids", f"must be a list of token ids in [0, {vocab})")
         stop_ids = tuple(v)
-    return Common(model, mt, s, stream, include_usage, stop_ids, n)
+    return Common(model, mt, s, stream, include_usage, stop_ids, n, _constraint(body))
 
 
 def _logit_processing(body: dict, vocab: int) -> dict[str, Any]:
@@ -263,6 +267,28 @@ def logit_bias(v: Any, vocab: int) -> tuple[tuple[int, float], ...]:
             raise bad("logit_bias", f"bias {show(bias)} for token {key} is invalid: must be a number in [-100, 100]")
         pairs.append((int(key), float(bias)))
     return tuple(sorted(pairs))
+
+
+def _constraint(body: dict) -> tuple[str, Any] | None:
+    """response_format / guided_regex / guided_choice (vLLM's names) -> (kind, value); at most one."""
+    given = [k for k in ("response_format", "guided_regex", "guided_choice") if body.get(k) is not None]
+    if len(given) > 1:
+        raise bad(given[1], f"cannot be combined with {given[0]}: send one output constraint")
+    if not given:
+        return None
+    if given[0] == "guided_regex":
+        if not isinstance(body["guided_regex"], str) or not body["guided_regex"]:
+            raise bad("guided_regex", "must be a non-empty regular expression string")
+        return ("regex", body["guided_regex"])
+    if given[0] == "guided_choice":
+        v = body["guided_choice"]
+        if not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v):
+            raise bad("guided_choice", "must be a non-empty list of non-empty strings")
+        return ("choice", v)
+    try:
+        return parse_response_format(body["response_format"])
+    except ParameterError as e:
+        raise bad("response_format", str(e)) from None
 
 
 @dataclass
@@ -312,6 +338,8 @@ class ChatRequest:
     messages: list[dict]
     logprobs: bool
     top_logprobs: int
+    tools: list[dict] | None = None
+    tool_choice: str | dict = "none"  # none | auto | required | {"name": function}
 
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -321,13 +349,17 @@ def _message(i: int, m: Any) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise bad(where, "must be an object with 'role' and 'content'")
-    extra = set(m) - {"role", "content", "name", "tool_call_id"}
+    extra = set(m) - {"role", "content", "name", "tool_call_id", "tool_calls"}
     if extra:
-        raise bad(where, f"unknown key(s) {sorted(extra)}: allowed are role, content, name")
+        raise bad(where, f"unknown key(s) {sorted(extra)}: allowed are role, content, name, tool_call_id, "
+                         "tool_calls")
     role = m.get("role")
     if role not in ROLES:
         raise bad(f"{where}.role", f"{show(role)} is invalid: must be one of {', '.join(ROLES)}")
     content = m.get("content")
+    calls = _tool_calls(where, m) if role == "assistant" and m.get("tool_calls") is not None else None
+    if content is None and calls:
+        content = ""
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []
         for j, part in enumerate(content):
@@ -340,6 +372,31 @@ def _message(i: int, m: Any) -> dict:
     out = {"role": "system" if role == "developer" else role, "content": content}
     if isinstance(m.get("name"), str):
         out["name"] = m["name"]
+    if calls:
+        out["tool_calls"] = calls
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise bad(f"{where}.tool_call_id", "is required for a tool message: the id of the call it answers")
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def _tool_calls(where: str, m: dict) -> list[dict]:
+    """An assistant message's tool_calls, arguments parsed to objects (chat templates render those)."""
+    calls = m["tool_calls"]
+    if not isinstance(calls, list):
+        raise bad(f"{where}.tool_calls", "must be a list of calls")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise bad(f"{where}.tool_calls[{j}]", 'must be {"id", "type": "function", "function": {"name": str, '
+                                                  '"arguments": a JSON string}}')
+        try:
+            args = json.loads(f["arguments"])
+        except ValueError:
+            raise bad(f"{where}.tool_calls[{j}].function.arguments", "is not valid JSON") from None
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": f["name"], "arguments": args}})
     return out
 
 
@@ -350,7 +407,8 @@ def parse_chat(body: dict, vocab: int) -> ChatRequest:
         if mct is not None:
             int_in("max_completion_tokens", mct, 0)
             body["max_tokens"] = mct
-    common = _common(body, {"messages", "logprobs", "top_logprobs"}, vocab)
+    common = _common(body, {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
+                     vocab)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "is required: a non-empty list of {role, content} objects")
@@ -361,5 +419,24 @@ def parse_chat(body: dict, vocab: int) -> ChatRequest:
         int_in("top_logprobs", tlp, 0, MAX_LOGPROBS)
         if not lp:
             raise bad("top_logprobs", "needs logprobs set to true")
-    return ChatRequest(common, messages, lp, tlp or 0)
+    tools, choice = _tools(body)
+    if tools and choice != "none" and common.constraint is not None:
+        raise bad("tools", "cannot be combined with response_format / guided_*: use tool_choice \"none\" or drop "
+                           "the output constraint")
+    return ChatRequest(common, messages, lp, tlp or 0, tools, choice)
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str | dict]:
+    tools = None
+    if body.get("tools") is not None:
+        try:
+            tools = check_tools(body["tools"])
+        except ParameterError as e:
+            raise bad("tools", str(e)) from None
+    if body.get("parallel_tool_calls") is not None:
+        boolean("parallel_tool_calls", body["parallel_tool_calls"])
+    try:
+        return tools, check_tool_choice(body.get("tool_choice"), tools)
+    except ParameterError as e:
+        raise bad("tool_choice", str(e)) from None
 

@@ -28,6 +28,7 @@ class RequestParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    constraint: object | None = None  # a structured.Constraint: each sequence gets its own matcher
 
     def __post_init__(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -46,11 +47,12 @@ class TokenLogprob:
 class Sequence:
     """A request inside the engine. Scheduler fields: `tokens` (prompt + generated), `num_computed`
     (tokens whose K/V are in the cache), `blocks` (block table), `n_hashed`/`parent_hash` (leading
-    blocks registered in the prefix cache). Engine fields: `stops`, `callback`, `prompt_lps`."""
+    blocks registered in the prefix cache). Engine fields: `stops`, `callback`, `prompt_lps`, `matcher`
+    (the grammar state of a constrained request: the runner masks with it, the engine advances it)."""
 
     __slots__ = ("id", "arrival", "prompt_len", "tokens", "params", "callback", "num_computed", "blocks",
                  "n_hashed", "parent_hash", "stops", "prompt_lps", "prompt_sent", "generator", "finished",
-                 "finish_reason", "preemptions")
+                 "finish_reason", "preemptions", "matcher")
 
     def __init__(self, rid: str, prompt: list[int], params: RequestParams, arrival: int = 0, *,
                  stops: StopChecker | None = None, callback: Callable | None = None,
@@ -72,6 +74,7 @@ class Sequence:
         self.finished = False
         self.finish_reason: str | None = None
         self.preemptions = 0
+        self.matcher = params.constraint.matcher() if params.constraint is not None else None  # grammar state
 
     @property
     def num_tokens(self) -> int:

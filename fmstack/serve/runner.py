@@ -18,6 +18,7 @@ from torch.nn.attention import sdpa_kernel
 
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.generation.sampling import logit_adjustments, sample_rows
+from fmstack.generation.structured import apply_masks
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 
@@ -128,6 +129,7 @@ class ModelRunner:
         rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]  # [B, V]
         seqs = [c.seq for c, _ in to_sample]
         params = [s.params.sampling for s in seqs]
+        apply_masks(rows, [s.matcher for s in seqs])  # constrained rows only: disallowed tokens to -inf
         adjustments = logit_adjustments(params, [s.tokens for s in seqs], [s.prompt_len for s in seqs],
                                         [s.stops.stop_ids if s.stops is not None else () for s in seqs],
                                         rows.shape[-1], rows.device)

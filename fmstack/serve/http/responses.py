@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 
 from fmstack.serve.engine import RequestOutput, TokenLogprob
 from fmstack.serve.protocol import APIError
+from fmstack.serve.tools import ToolOutput
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -129,11 +130,14 @@ class CompletionChoice:
 
 class ChatChoice:
     """The /v1/chat/completions choice: `add()` returns the streamed choice deltas of an output,
-    `choice()` the whole message."""
+    `choice()` the whole message. With `tools`, content that is (or may become) a tool call is held
+    back, and the parsed calls come as one `tool_calls` delta at the end (finish_reason "tool_calls")."""
 
-    def __init__(self, tt: TokenText, logprobs: bool, top_logprobs: int, index: int = 0):
-        self.tt, self.want_lp, self.k, self.index = tt, logprobs, top_logprobs, index
+    def __init__(self, tt: TokenText, logprobs: bool, top_logprobs: int, index: int = 0,
+                 tools: ToolOutput | None = None):
+        self.tt, self.want_lp, self.k, self.index, self.tools = tt, logprobs, top_logprobs, index, tools
         self.text, self.lp_content = "", []
+        self.content: str | None = None  # the message content once finished (tools: the text less the calls)
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
@@ -147,16 +151,32 @@ class ChatChoice:
                    for e in (out.logprobs or [])] if self.want_lp else []
         self.text += out.text
         self.lp_content += content
-        if out.text or content:
-            deltas.append({"index": self.index, "delta": {"content": out.text},
+        text = out.text if self.tools is None else self.tools.visible(self.text)
+        if text or content:
+            deltas.append({"index": self.index, "delta": {"content": text},
                            "logprobs": {"content": content} if self.want_lp else None, "finish_reason": None})
         if out.finished:
             self.finish_reason, self.completion_tokens = out.finish_reason, out.completion_tokens
-            deltas.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason})
+            self.content = self.text
+            if self.tools is not None:
+                deltas += self._finish_tools()
+            deltas.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason})
         return deltas
 
+    def _finish_tools(self) -> list[dict]:
+        """Parse the calls; the deltas of what was held back (the calls, or text that was none)."""
+        self.content, calls, rest = self.tools.finish(self.text)
+        if calls:
+            self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
+            return [{"index": self.index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
+                     "logprobs": None, "finish_reason": None}]
+        return [{"index": self.index, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}] if rest else []
+
     def choice(self) -> dict:
-        return {"index": self.index, "message": {"role": "assistant", "content": self.text},
+        message = {"role": "assistant", "content": self.text if self.tools is None else self.content}
+        if self.tools is not None and self.tools.calls:
+            message["tool_calls"] = self.tools.calls
+        return {"index": self.index, "message": message,
                 "logprobs": {"content": self.lp_content} if self.want_lp else None,
                 "finish_reason": self.finish_reason}
 

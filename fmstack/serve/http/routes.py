@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from fmstack.errors import ParameterError
+from fmstack.generation.structured import Constraint, compile_constraint
 from fmstack.serve import metrics as prom
 from fmstack.serve.engine import RequestParams
 from fmstack.serve.http.bridge import ShuttingDown, abort_all, engine_failure, outputs, submit
@@ -28,6 +29,7 @@ from fmstack.serve.http.responses import (SSE_DONE, ChatChoice, CompletionChoice
 from fmstack.serve.http.state import ServerState
 from fmstack.serve.protocol import (APIError, ChatRequest, CompletionRequest, bad, check_text, parse_chat,
                                     parse_completion, parse_json_body)
+from fmstack.serve.tools import ToolOutput, call_schema, parser_for, template_supports_tools
 
 log = logging.getLogger("fmstack.serve.api")
 
@@ -199,20 +201,36 @@ async def _collect(request: Request, state: ServerState, queue, ids: list[str], 
 
 
 def _request_params(req: CompletionRequest | ChatRequest, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> list[RequestParams]:
+                    prompt_logprobs: int | None = None, constraint: Constraint | None = None) -> list[RequestParams]:
     """One RequestParams per choice of a prompt (`n`; see `Common.sampling_params` for their seeds)."""
     try:
         sps = [req.common.sampling_params(max_tokens, j) for j in range(req.common.n)]
     except ParameterError as e:
         raise APIError(400, str(e), param=e.field) from None
     return [RequestParams(sp, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                          stop_token_ids=req.common.stop_token_ids) for sp in sps]
+                          stop_token_ids=req.common.stop_token_ids, constraint=constraint) for sp in sps]
+
+CONSTRAINT_PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
+                    "choice": "guided_choice"}
+
+
+def _compile(state: ServerState, spec: tuple | None, param: str | None = None) -> Constraint | None:
+    """The request's output constraint compiled for this tokenizer (worker pool); 400 naming the field."""
+    if spec is None:
+        return None
+    param = param or CONSTRAINT_PARAM[spec[0]]
+    _need_tokenizer(state, param)
+    try:
+        return compile_constraint(state.tokenizer, *spec)
+    except ParameterError as e:
+        raise bad(param, str(e)) from None
 
 
 # -- /v1/completions -----------------------------------------------------------------------------------
-def _prepare_completion(state: ServerState, raw: bytes) -> tuple[CompletionRequest, list[list[int]], list]:
-    """Parse, validate and tokenize (worker pool). Returns the request, prompt ids, and each prompt's
-    echo text (None without echo)."""
+def _prepare_completion(state: ServerState, raw: bytes) -> tuple[CompletionRequest, list[list[int]], list,
+                                                                  Constraint | None]:
+    """Parse, validate and tokenize (worker pool). Returns the request, prompt ids, each prompt's
+    echo text (None without echo) and the compiled output constraint."""
     tok = state.tokenizer
     req = parse_completion(parse_json_body(raw), state.engine.vocab_size)
     if any(isinstance(p, str) for p in req.prompts):
@@ -226,15 +244,16 @@ def _prepare_completion(state: ServerState, raw: bytes) -> tuple[CompletionReque
         raise bad("prompt", "tokenizes to no tokens")
     echo = [(p if isinstance(p, str) else tok.decode(ids) if tok is not None else "") if req.echo else None
             for p, ids in zip(req.prompts, prompt_ids)]
-    return req, prompt_ids, echo
+    return req, prompt_ids, echo, _compile(state, req.common.constraint)
 
 
 async def completions(request: Request):
     state = _state(request)
-    req, prompt_ids, echo = await state.run_blocking(_prepare_completion, state, await _read_body(request, state))
+    req, prompt_ids, echo, constraint = await state.run_blocking(_prepare_completion, state,
+                                                                 await _read_body(request, state))
     max_tokens = DEFAULT_COMPLETION_TOKENS if req.common.max_tokens is None else req.common.max_tokens
     rp = _request_params(req, max_tokens, req.logprobs,
-                         req.logprobs if req.echo and req.logprobs is not None else None)
+                         req.logprobs if req.echo and req.logprobs is not None else None, constraint)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n = req.common.n  # choice i * n + j is choice j of prompt i, as OpenAI orders them
     ids, queue = submit(state, [p for p in prompt_ids for _ in range(n)], rp * len(prompt_ids), cid, n)
@@ -272,38 +291,55 @@ async def completions(request: Request):
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------------------
-def _render(state: ServerState, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def _render(state: ServerState, messages: list[dict], add_generation_prompt: bool = True,
+            tools: list[dict] | None = None) -> str:
     tok = state.tokenizer
     if not tok.chat_template:
         raise bad("messages", f"the model {state.model_name} has no chat template; use /v1/completions")
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        extra = {"tools": tools} if tools else {}
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as e:  # noqa: BLE001 - template errors are the request's fault
         raise bad("messages", f"the chat template rejected the messages: {ascii(str(e))[1:-1][:300]}") from None
 
 
-def _prepare_chat(state: ServerState, raw: bytes) -> tuple[ChatRequest, list[int]]:
-    """Parse, validate, render the chat template and tokenize (worker pool)."""
+def _prepare_chat(state: ServerState, raw: bytes) -> tuple[ChatRequest, list[int], Constraint | None,
+                                                            ToolOutput | None]:
+    """Parse, validate, render the chat template (with the tools) and tokenize, compile the output
+    constraint (worker pool)."""
     body = parse_json_body(raw)
     _need_tokenizer(state, "messages")
     req = parse_chat(body, state.engine.vocab_size)
     _check_model(state, req.common.model)
-    text = _render(state, req.messages)
+    tools = req.tools if req.tool_choice != "none" else None
+    template = state.tokenizer.chat_template
+    if tools and not template_supports_tools(template):
+        raise bad("tools", f"the chat template of {state.model_name} does not render tools, so the model cannot "
+                           "be told about them; send tool_choice \"none\" or use a model whose template takes tools")
+    text = _render(state, req.messages, tools=tools)
     _check_fits(state, text, "messages")
-    return req, state.tokenizer.encode(text)
+    if tools and req.tool_choice != "auto":  # required / a named function: the output is one call
+        name = req.tool_choice["name"] if isinstance(req.tool_choice, dict) else None
+        constraint = _compile(state, ("json_schema", call_schema(tools, name)), "tools")
+        return req, state.tokenizer.encode(text), constraint, ToolOutput("forced")
+    tool_out = ToolOutput(parser_for(template)) if tools else None
+    return req, state.tokenizer.encode(text), _compile(state, req.common.constraint), tool_out
 
 
 async def chat(request: Request):
     state = _state(request)
-    req, prompt = await state.run_blocking(_prepare_chat, state, await _read_body(request, state))
+    req, prompt, constraint, tool_out = await state.run_blocking(_prepare_chat, state,
+                                                                 await _read_body(request, state))
     max_tokens = req.common.max_tokens
     if max_tokens is None:  # up to the length limit (at least 1, so an over-long prompt gets the length error)
         max_tokens = max(state.engine.max_model_len - len(prompt), 1)
-    rp = _request_params(req, max_tokens, req.top_logprobs if req.logprobs else None)
+    rp = _request_params(req, max_tokens, req.top_logprobs if req.logprobs else None, constraint=constraint)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     ids, queue = submit(state, [prompt] * req.common.n, rp, cid, req.common.n)
     tt = TokenText(state.tokenizer)
-    accs = {rid: ChatChoice(tt, req.logprobs, req.top_logprobs, j) for j, rid in enumerate(ids)}
+    accs = {rid: ChatChoice(tt, req.logprobs, req.top_logprobs, j,
+                            ToolOutput(tool_out.parser) if tool_out is not None else None)  # per-choice state
+            for j, rid in enumerate(ids)}
     heavy = req.logprobs
 
     def done() -> int:  # completion tokens over all choices

@@ -1,0 +1,82 @@
+"""Share of the serving engine's decode time spent on grammar masks (structured output), default model.
+
+Runs the engine (no HTTP) on SmolLM2-135M-Instruct with B = 1 and 16 concurrent JSON-schema chat
+requests, timing every `apply_masks` call of the runner (filling the bitmasks + applying them) and
+every engine step; also the same requests unconstrained, for the decode tokens/s either way.
+Result JSON: benchmarks/results/structured_overhead_cpu.json.
+
+    python -m benchmarks.structured_overhead [--max-tokens 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fmstack.generation.sampling import SamplingParams
+from fmstack.serve import runner as runner_mod
+from fmstack.serve.engine import Engine, EngineConfig, RequestParams
+from fmstack.generation.structured import apply_masks, compile_constraint
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "bio": {"type": "string"}}, "required": ["name", "age", "bio"]}
+TIMES = {"mask": 0.0}
+
+
+def _timed_masks(rows, matchers):
+    t = time.perf_counter()
+    apply_masks(rows, matchers)
+    TIMES["mask"] += time.perf_counter() - t
+
+
+def run(engine: Engine, prompt: list[int], batch: int, max_tokens: int, constraint) -> dict:
+    TIMES["mask"] = 0.0
+    for i in range(batch):
+        sp = SamplingParams(max_new_tokens=max_tokens, temperature=0.8, seed=i)
+        engine.add_request(f"r{i}-{constraint is not None}", prompt, RequestParams(sp, constraint=constraint),
+                           lambda out: None)
+    steps = tokens = 0
+    step_s = 0.0
+    while engine.has_work():
+        t = time.perf_counter()
+        n = engine.step()
+        if n <= batch:  # decode steps only (prefill steps run the prompt)
+            step_s += time.perf_counter() - t
+            tokens += n
+            steps += 1
+    mask_s = TIMES["mask"]
+    return {"batch": batch, "decode_steps": steps, "decode_tokens": tokens, "decode_s": step_s,
+            "decode_tok_per_s": tokens / step_s if step_s else 0.0, "mask_s": mask_s,
+            "mask_share_of_decode": mask_s / step_s if step_s else 0.0}
+
+
+def main() -> None:
+    from fmstack.loading import load_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-tokens", type=int, default=40)
+    args = ap.parse_args()
+    loaded = load_model("smollm2-135m-instruct")
+    tok = loaded.tokenizer
+    engine = Engine(loaded.model, tok, EngineConfig(max_model_len=512, kv_cache_bytes=256 << 20, prefix_caching=False))
+    runner_mod.apply_masks = _timed_masks  # the runner's one call site, timed
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}]))
+    constraint = compile_constraint(tok, "json_schema", SCHEMA)
+    res = {"model": "smollm2-135m-instruct", "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
+           "runs": []}
+    for batch in (1, 16):
+        for c in (None, constraint):
+            r = {"constrained": c is not None, **run(engine, prompt, batch, args.max_tokens, c)}
+            print(r, flush=True)
+            res["runs"].append(r)
+    path = Path(__file__).parent / "results" / "structured_overhead_cpu.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
