@@ -104,3 +104,32 @@ def test_backend_key_differs_by_row_limit(rows):
     import pickle
 
     assert pickle.loads(pickle.dumps(decomposition_key_pass(rows))).uuid() == decomposition_key(rows)
+
+
+def test_cache_command_info_and_clear(tmp_path, monkeypatch, capsys):
+    from fmstack.cli import main
+
+    monkeypatch.setenv("FMSTACK_CACHE_DIR", str(tmp_path))
+    cache = CompileCache({"config": {"n_layers": 3, "dim": 64}, "dtype": "torch.float32", "quant": None}, None)
+    assert cache.root == tmp_path / "compile"
+    cache.root.mkdir()
+    cache.path("decode step", ("batch 1", "greedy")).write_bytes(b"x" * 2048)
+    cache.path("decode step", ("batch 1", "greedy")).with_suffix(".json").write_text(
+        json.dumps(cache.key("decode step", ("batch 1", "greedy"))))
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "1 entries" in out and "decode step (batch 1, greedy)" in out and "n_layers 3" in out
+    assert main(["cache", "info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"][0]["bytes"] == 2048
+    assert main(["cache", "clear"]) == 0
+    assert not cache.root.exists()
+    assert main(["cache", "info"]) == 0 and "0 entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [("1,x", "comma list of positive integers"), ("0", "must be >= 1"),
+                                           (",", "is empty")])
+def test_compile_command_rejects_bad_batch_sizes(text, message, capsys):
+    from fmstack.cli import main
+
+    assert main(["compile", "--model", "random:tiny-gqa", "--batch-sizes", text]) == 2
+    assert message in capsys.readouterr().err
