@@ -44,17 +44,19 @@ def run(tmp_path: Path, name: str, batch: int) -> tuple[dict, str]:
 
 def test_second_process_loads_instead_of_compiling_and_a_key_change_misses(tmp_path):
     cold, _ = run(tmp_path, "cold", 1)
-    assert cold["fxgraph_cache_miss"] >= 1 and cold["autograd_cache_miss"] >= 1
+    assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0
     entries = cache_entries(tmp_path / "fmstack" / "compile")
     assert len(entries) == 1 and entries[0]["key"]["shape"] == ["batch 1", "greedy"]
 
     warm, _ = run(tmp_path, "warm", 1)
     assert warm["ids"] == cold["ids"]
-    assert warm["autograd_cache_hit"] >= 1
+    # hits only: nothing lowered, generated or built again (AOTAutograd's cache hits where it is used;
+    # otherwise Inductor's FX graph cache does)
+    assert warm["fxgraph_cache_hit"] + warm["autograd_cache_hit"] >= 1
     assert warm["fxgraph_cache_miss"] == 0 and warm["autograd_cache_miss"] == 0
 
     other, _ = run(tmp_path, "batch2", 2)  # another batch size: another key, compiled and stored
-    assert other["autograd_cache_miss"] >= 1
+    assert other["fxgraph_cache_miss"] >= 1
     assert len(cache_entries(tmp_path / "fmstack" / "compile")) == 2
 
     path = Path(entries[0]["path"])
