@@ -81,11 +81,14 @@ class CompileCache:
             return True
         if not path.is_file():
             return False
-        try:
-            torch.compiler.load_cache_artifacts(path.read_bytes())
+        try:  # torch logs and returns None for a bundle it cannot un-pickle; it may also raise
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+            problem = None if info is not None else "torch could not un-pickle it"
         except Exception as e:  # noqa: BLE001 - any unreadable bundle is rebuilt, whatever torch raises
-            log.warning("compile cache entry %s for %s (%s) is unreadable (%s: %s): deleted, compiling again",
-                        path, what, ", ".join(label), type(e).__name__, e)
+            problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            log.warning("compile cache entry %s for %s (%s) is unreadable (%s): deleted, compiling again",
+                        path, what, ", ".join(label), problem)
             path.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)
             return False
