@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "serve": "fmstack.commands.serve",
     "finetune": "fmstack.commands.finetune",
     "doctor": "fmstack.commands.doctor",
+    "compile": "fmstack.commands.compile",
+    "cache": "fmstack.commands.cache",
 }
 DEPENDENCY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 

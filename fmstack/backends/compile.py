@@ -1,13 +1,13 @@
 """`torch.compile` with a log line per compilation: what is compiled (which step, batch size, token
-count, greedy/sampled), that it happens once per process (Inductor's on-disk cache makes later
-processes on the machine faster), and how long it took. A compile is minutes for a real model on a
-small CPU, and without these lines the first request looks hung."""
+count, greedy/sampled), that it happens once per process (a persistent store of compiled steps,
+`store`, makes later processes fast), and how long it took. A compile is a minute or more for a real
+model on a small CPU, and without these lines the first request looks hung."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -31,14 +31,24 @@ def step_key(args: tuple, static_tokens: bool = True) -> tuple[str, ...]:
     return tuple(words)
 
 
+class CompileStore(Protocol):
+    """Where compiled steps persist across processes (`fmstack.generation.compile_cache.CompileCache`)."""
+
+    def load(self, what: str, label: tuple[str, ...]) -> bool: ...
+
+    def save(self, what: str, label: tuple[str, ...]) -> Any: ...
+
+
 class LoggedCompile:
     """`torch.compile(fn, **kwargs)` whose first call per key (`key(args)`, default `step_key`) logs
     (info) before and after, with the elapsed time and how many graphs Dynamo built in between. Other
-    calls go straight through (the key and one set lookup of overhead)."""
+    calls go straight through (the key and one set lookup of overhead). With a `store`, the first
+    call per key first loads the step from it and, where it was not there, saves it afterwards."""
 
     def __init__(self, fn: Callable, what: str, static_tokens: bool = True,
-                 key: Callable[[tuple], tuple[str, ...]] | None = None, **kwargs: Any):
-        self.what = what
+                 key: Callable[[tuple], tuple[str, ...]] | None = None, store: CompileStore | None = None,
+                 **kwargs: Any):
+        self.what, self.store = what, store
         self.key = key or (lambda args: step_key(args, static_tokens))
         self.compiled = torch.compile(fn, **kwargs)
         self._seen: set[tuple[str, ...]] = set()
@@ -49,10 +59,15 @@ class LoggedCompile:
             return self.compiled(*args)
         self._seen.add(key)
         label = ", ".join(key) or "first call"
-        log.info("compiling %s (%s): once per process, faster when Inductor's on-disk cache has it",
-                 self.what, label)
-        before, t0 = compile_counters()["graphs"], time.perf_counter()
+        t0 = time.perf_counter()
+        stored = self.store is not None and self.store.load(self.what, key)
+        log.info("compiling %s (%s): once per process%s", self.what, label,
+                 ", from the compile cache" if stored else "; later processes load it from the compile cache"
+                 if self.store is not None else "")
+        before = compile_counters()["graphs"]
         out = self.compiled(*args)
+        if self.store is not None and not stored:
+            self.store.save(self.what, key)
         log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, label,
                  time.perf_counter() - t0, compile_counters()["graphs"] - before)
         return out

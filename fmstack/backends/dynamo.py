@@ -42,6 +42,17 @@ def compile_counters() -> dict[str, int]:
             "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
+def cache_counters() -> dict[str, int]:
+    """Hits and misses so far in this process of Inductor's FX graph cache and AOTAutograd's cache
+    (a hit: that graph was neither lowered nor built again); zeros on the stock path."""
+    counters = symbol("dynamo.counters")
+    names = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
+    if counters is None:
+        return dict.fromkeys(names, 0)
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return {n: int((inductor if n.startswith("fx") else aot)[n]) for n in names}
+
+
 def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     """Raise Dynamo's per-function recompile limit (default 8) to at least `limit`, process-wide.
     Every `Generator` of a process compiles the same methods (one static graph per batch size, per

@@ -32,7 +32,7 @@ def _op(namespace: str, name: str) -> Callable[[], Any]:
 SYMBOLS: dict[str, Callable[[], Any]] = {
     "inductor.compile_fx": _module_attr("torch._inductor.compile_fx", "compile_fx"),
     "inductor.select_decomp_table": _module_attr("torch._inductor.decomposition", "select_decomp_table"),
-    "functorch.config": lambda: importlib.import_module("torch._functorch.config"),
+    "inductor.CustomGraphPass": _module_attr("torch._inductor.custom_graph_pass", "CustomGraphPass"),
     "prims.inductor_force_stride_order": _op("prims", "inductor_force_stride_order"),
     "dynamo.config": _module_attr("torch._dynamo", "config"),
     "dynamo.mark_dynamic": _module_attr("torch._dynamo", "mark_dynamic"),

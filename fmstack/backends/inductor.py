@@ -21,7 +21,11 @@ step gets stock `torch.compile(fullgraph=True, dynamic=False)` (CUDA: `mode="red
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -33,7 +37,8 @@ from fmstack.backends.gate import available, symbol
 # per pass over 30 layers, 2 threads): 20 vs 40 for 1 row, 20 vs 69 for 2, 27 vs 54 for 4, 40 vs 61
 # for 8, 64 vs 55 for 16.
 GEMV_MAX_ROWS = 8
-_CPU_BACKEND_SYMBOLS = ("inductor.compile_fx", "inductor.select_decomp_table", "functorch.config")
+_CPU_BACKEND_SYMBOLS = ("inductor.compile_fx", "inductor.select_decomp_table", "inductor.CustomGraphPass")
+_decomp_lock = threading.RLock()
 
 
 def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -76,12 +81,32 @@ def has_collectives(gm: torch.fx.GraphModule) -> bool:
                for node in gm.graph.nodes)
 
 
+@contextlib.contextmanager
+def mm_decomposition(mm: Callable) -> Iterator[None]:
+    """Inductor's default decomposition table (the dict `select_decomp_table` hands out: torch 2.13
+    caches it) with `mm` for `aten.mm` inside the block. Patched in place rather than handed to
+    `compile_fx(decompositions=...)`: a table passed in is pickled into the FX graph cache key, and
+    the default table's C++ entries cannot be, so every compile would bypass that cache.
+    (Dynamo serializes compiles; the lock guards against other threads anyway.)"""
+    table = symbol("inductor.select_decomp_table")()
+    mm_op = torch.ops.aten.mm.default
+    with _decomp_lock:
+        saved = table.get(mm_op)
+        table[mm_op] = mm
+        try:
+            yield
+        finally:
+            if saved is None:
+                table.pop(mm_op, None)
+            else:
+                table[mm_op] = saved
+
+
 def cpu_decode_backend(max_rows: int, options: dict[str, Any]) -> Callable:
     """Inductor with `gemv_as_reduction` as the mm decomposition and `options` as config patches
     (call only where `available` says the `_CPU_BACKEND_SYMBOLS` are there)."""
     compile_fx = symbol("inductor.compile_fx")
     select_decomp_table = symbol("inductor.select_decomp_table")
-    functorch_config = symbol("functorch.config")
     aten = torch.ops.aten
     default_mm = select_decomp_table().get(aten.mm.default)
 
@@ -92,21 +117,52 @@ def cpu_decode_backend(max_rows: int, options: dict[str, Any]) -> Callable:
         return out
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        decomps = dict(select_decomp_table())
-        decomps[aten.mm.default] = mm
         patches = dict(options)
         if patches.get("cpp_wrapper") and has_collectives(gm):
             # torch 2.13's C++ wrapper cannot call the functional collectives (tensor parallel):
             # "arg type Any is not yet supported by custom_op_wrapper"
             patches["cpp_wrapper"] = False
-        # The AOTAutograd cache keys on the graph before decomposition and ignores `decompositions`:
-        # it would hand back the stock (BLAS) build of the same graph. Inductor's own FX graph cache
-        # sees the decomposed graph and stays on.
-        with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decomps)
+        # Both on-disk caches (AOTAutograd's, keyed on the graph before decomposition, and Inductor's
+        # FX graph cache) key on Inductor's config: the key pass puts this backend's settings there,
+        # so neither hands back the stock (BLAS) build of the same graph, nor that of another max_rows.
+        patches["post_grad_custom_post_pass"] = decomposition_key_pass(max_rows)
+        with mm_decomposition(mm):
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
     backend.__name__ = f"inductor_cpu_gemv{max_rows}"
     return backend
+
+
+def decomposition_key(max_rows: int) -> str:
+    """What identifies the CPU decode backend's build of a graph in the compile caches: the row limit
+    and this module's source (a change to the lowering is a new key)."""
+    source = Path(__file__).read_bytes()
+    return f"fmstack-gemv-reduction:{max_rows}:{hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def decomposition_key_pass(max_rows: int) -> Any:
+    """A no-op Inductor post-grad pass whose `uuid()` is `decomposition_key(max_rows)`: the way a
+    custom pass enters Inductor's and AOTAutograd's cache keys (a pass without uuid turns caching off).
+    The class is made once, on first use: its base is a gated private symbol."""
+    global _KeyPass
+    if _KeyPass is None:
+        class _KeyPass(symbol("inductor.CustomGraphPass")):  # type: ignore[misc, no-redef]
+            def __init__(self, rows: int):
+                self.rows = rows
+
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                return None
+
+            def uuid(self) -> str:
+                return decomposition_key(self.rows)
+
+            def __reduce__(self) -> tuple:  # picklable though made inside a function
+                return decomposition_key_pass, (self.rows,)
+
+    return _KeyPass(max_rows)
+
+
+_KeyPass: type | None = None
 
 
 def frozen_attribute_guards(attribute: str) -> Callable[[list], list[bool]]:

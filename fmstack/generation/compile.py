@@ -9,9 +9,11 @@ in `fmstack.backends`).
   prefill-like steps (longer prompts): one graph for every length (the caller marks the sequence
   dimension dynamic).
 
-Every compile logs what it compiles and how long it took (`fmstack.backends.LoggedCompile`).
+Every compile logs what it compiles and how long it took (`fmstack.backends.LoggedCompile`); with a
+`store` (`fmstack.generation.compile_cache.CompileCache`, what Generator passes) each compiled step
+persists across processes: the next process loads it instead of lowering and building it again.
 
-    step = compile_decode(decode_fn, device, what="decode step")    # what Generator uses
+    step = compile_decode(decode_fn, device, what="decode step", store=cache)    # what Generator uses
 """
 
 from __future__ import annotations
@@ -22,19 +24,21 @@ from typing import Callable
 import torch
 
 from fmstack.backends import GEMV_MAX_ROWS, LoggedCompile, decode_compile_kwargs, recompile_limit
+from fmstack.backends.compile import CompileStore
 
 __all__ = ["GEMV_MAX_ROWS", "compile_decode", "compile_prefill", "with_recompile_limit"]
 
 
 def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,
-                   frozen_attribute: str | None = None, what: str = "decode step") -> LoggedCompile:
+                   frozen_attribute: str | None = None, what: str = "decode step",
+                   store: CompileStore | None = None) -> LoggedCompile:
     """`fn` compiled as a static-shape decode step on `device` (see the module docstring)."""
-    return LoggedCompile(fn, what, **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
+    return LoggedCompile(fn, what, store=store, **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
 
 
-def compile_prefill(fn: Callable, what: str = "prefill") -> LoggedCompile:
+def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | None = None) -> LoggedCompile:
     """`fn` compiled with a sequence length the caller marks dynamic (one graph for all lengths)."""
-    return LoggedCompile(fn, what, static_tokens=False, fullgraph=True)
+    return LoggedCompile(fn, what, static_tokens=False, store=store, fullgraph=True)
 
 
 def with_recompile_limit(method: Callable) -> Callable:

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fmstack.backends import mark_dynamic
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
+from fmstack.generation.compile_cache import CompileCache
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.generation.sampling import (SamplingParams, adjust_logits, exponential_noise, logit_adjustments,
                                         min_p_tensor, sample, sampling_tensors)
@@ -87,11 +88,13 @@ class Generator:
     The compiled CPU decode step does not re-check the model's attributes at every call: once a
     Generator has run, its model must not be modified (swap modules or weights before, not after).
     `gemv_max_rows` (compiled CPU decode): matmuls with at most this many rows become streaming
-    reductions; 0 leaves them to BLAS (the A/B of `fmstack bench --decode-compiler stock`)."""
+    reductions; 0 leaves them to BLAS (the A/B of `fmstack bench --decode-compiler stock`).
+    `compile_cache` (compiled): keep each compiled step in fmstack's compile cache
+    (`fmstack.generation.compile_cache`) and load it from there in later processes."""
 
     def __init__(self, model: nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None, *,
                  compile: bool = False, sdpa_backend: str = "auto", max_seq_len: int | None = None,
-                 gemv_max_rows: int = GEMV_MAX_ROWS):
+                 gemv_max_rows: int = GEMV_MAX_ROWS, compile_cache: bool = True):
         self.model, self.tokenizer = model, tokenizer
         if eos_ids is None:
             eos_ids = sorted(tokenizer.eos_ids) if tokenizer is not None else []
@@ -109,17 +112,18 @@ class Generator:
             compile = False
         self.compiled = compile
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
+        store = CompileCache.for_model(model, self.dtype) if compile and compile_cache else None
         if compile:  # no process-wide settings here: `generate` raises the recompile limit while it runs
-            self._prefill_step = compile_prefill(self._prefill_impl, "prefill")
+            self._prefill_step = compile_prefill(self._prefill_impl, "prefill", store)
             # Decode has static shapes: on CUDA it is captured as a CUDA graph; on CPU its batch-1
             # matmuls become streaming reductions (see fmstack.generation.compile).
             self._decode_step = compile_decode(self._decode_impl, self.device, gemv_max_rows,
-                                               frozen_attribute="model")
+                                               frozen_attribute="model", store=store)
         self._logits_few = self._logits_many = self._logits_impl
         if compile:  # T <= GEMV_MAX_ROWS: static graphs (one per T), like decode; longer: a symbolic length
             self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model",
-                                              what="forward (few tokens)")
-            self._logits_many = compile_prefill(self._logits_impl, "forward")
+                                              what="forward (few tokens)", store=store)
+            self._logits_many = compile_prefill(self._logits_impl, "forward", store)
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
     def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,

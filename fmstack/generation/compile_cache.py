@@ -1,0 +1,135 @@
+"""Compiled steps persisted across processes: one bundle of torch.compile's cache artifacts
+(`torch.compiler.save_cache_artifacts`: AOTAutograd's and Inductor's FX graph entries) per compiled
+step, under `<fmstack cache dir>/compile/`, so a second process loads them before its first compile
+and Inductor neither lowers nor builds C++ again. Why: a cold compile of SmolLM2-135M's batch-1
+decode step costs ~100 s on a 2-core CPU, a warm one from Inductor's own cache alone ~48 s (the
+AOTAutograd cache was off); with both caches and the bundle see `docs/compile.md` for the figures.
+
+A bundle's key is what makes its graphs valid: the model config, the activation dtype, the
+quantization scheme and module types, the step (what, batch size, token count, greedy/sampled),
+the torch version and the CPU ISA. Any change is another file (a miss, compiled and saved). A
+bundle that torch cannot load (corrupt, truncated) is deleted and rebuilt, with one warning.
+
+    cache = CompileCache.for_model(model, dtype)
+    LoggedCompile(fn, "decode step", store=cache, ...)    # loads before and saves after a compile
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmstack.checkpoints.named import cache_dir
+from fmstack.quant import spec_of
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".bin"
+
+
+def compile_cache_dir() -> Path:
+    """`<fmstack cache dir>/compile` ($FMSTACK_CACHE_DIR, else ~/.cache/fmstack: `checkpoints.named.cache_dir`)."""
+    return cache_dir() / "compile"
+
+
+def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """What a compiled graph of `model` depends on besides the step: its config, the activation dtype,
+    the quantization scheme, the module and parameter types, torch and the CPU ISA."""
+    config = getattr(model, "config", None)
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    spec = spec_of(model)
+    return {"config": config, "dtype": str(dtype), "quant": spec.to_dict() if spec else None,
+            "modules": sorted({type(m).__qualname__ for m in model.modules()}),
+            "params": sorted({str(p.dtype) for p in model.parameters()}),
+            "device": str(next(model.parameters()).device.type),
+            "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
+
+
+class CompileCache:
+    """Bundles of compile artifacts for one model fingerprint, one file per step under `root`."""
+
+    def __init__(self, fingerprint: dict[str, Any], root: Path | None = None):
+        self.fingerprint = fingerprint
+        self.root = root or compile_cache_dir()
+        self.loaded: set[Path] = set()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, dtype: torch.dtype, root: Path | None = None) -> "CompileCache":
+        return cls(model_fingerprint(model, dtype), root)
+
+    def key(self, what: str, label: tuple[str, ...]) -> dict[str, Any]:
+        return {**self.fingerprint, "step": what, "shape": list(label)}
+
+    def path(self, what: str, label: tuple[str, ...]) -> Path:
+        blob = json.dumps(self.key(what, label), sort_keys=True, default=str).encode()
+        return self.root / f"{hashlib.sha256(blob).hexdigest()[:32]}{SUFFIX}"
+
+    def load(self, what: str, label: tuple[str, ...]) -> bool:
+        """Hot-load the step's bundle into torch's caches; False on a miss. A bundle torch cannot
+        read is deleted (one warning) and the step compiles as on a miss."""
+        path = self.path(what, label)
+        if path in self.loaded:
+            return True
+        if not path.is_file():
+            return False
+        try:  # torch logs and returns None for a bundle it cannot un-pickle; it may also raise
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+            problem = None if info is not None else "torch could not un-pickle it"
+        except Exception as e:  # noqa: BLE001 - any unreadable bundle is rebuilt, whatever torch raises
+            problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            log.warning("compile cache entry %s for %s (%s) is unreadable (%s): deleted, compiling again",
+                        path, what, ", ".join(label), problem)
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+            return False
+        self.loaded.add(path)
+        return True
+
+    def save(self, what: str, label: tuple[str, ...]) -> Path | None:
+        """Write what this process compiled so far as the step's bundle (atomically: a crash leaves
+        no half file) with its key beside it (`.json`, for `fmstack cache info`)."""
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return None
+        path = self.path(what, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(saved[0])
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(self.key(what, label), indent=1, default=str))
+        self.loaded.add(path)
+        return path
+
+
+def cache_entries(root: Path | None = None) -> list[dict[str, Any]]:
+    """The bundles under `root` (default `compile_cache_dir()`): path, bytes and their key (None
+    where the key file is missing or unreadable)."""
+    root = root or compile_cache_dir()
+    entries = []
+    for path in sorted(root.glob(f"*{SUFFIX}")) if root.is_dir() else []:
+        try:
+            key = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            key = None
+        entries.append({"path": str(path), "bytes": path.stat().st_size, "key": key})
+    return entries
+
+
+def clear_cache(root: Path | None = None) -> int:
+    """Delete `root` (default `compile_cache_dir()`) and everything in it; returns the bytes freed."""
+    root = root or compile_cache_dir()
+    if not root.is_dir():
+        return 0
+    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    shutil.rmtree(root)
+    return freed
