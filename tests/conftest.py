@@ -13,6 +13,21 @@ _SHARED = Path(__file__).resolve().parents[2] / "shared"
 _HELLASWAG_DEV = _SHARED / "data" / "hellaswag" / "hellaswag_val_dev.jsonl"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """The fmstack cache (compiled steps, downloads) of this test session: a fresh folder, so tests
+    neither read nor fill the user's ~/.cache/fmstack (subprocesses inherit it through the environment)."""
+    import os
+
+    old = os.environ.get("FMSTACK_CACHE_DIR")
+    os.environ["FMSTACK_CACHE_DIR"] = str(tmp_path_factory.mktemp("fmstack-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FMSTACK_CACHE_DIR", None)
+    else:
+        os.environ["FMSTACK_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def hellaswag_dev() -> Path:
     """The HellaSwag dev file (`../shared/data/hellaswag/hellaswag_val_dev.jsonl` beside the checkout);
