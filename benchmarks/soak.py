@@ -26,6 +26,7 @@ Writes benchmarks/results/soak_cpu.json (or serve_blocking_cpu.json), with os.ge
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -52,7 +53,10 @@ HOSTILE = [  # (raw body, expected status)
     (b'{"prompt": [1, 2], "max_tokens": 100000}', 400),
     (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
     (b"[]", 400),
-    (b'{"prompt": [1, 2], "n": 5}', 400),
+    (b'{"prompt": [1, 2], "n": 65}', 400),  # n x prompts > 64
+    (b'{"prompt": [1, 2], "presence_penalty": 2.5}', 400),
+    (b'{"prompt": [1, 2], "logit_bias": {"99999999": 5}}', 400),
+    (b'{"prompt": [1, 2], "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}', 400),
     (b'{"model": "other", "prompt": [1]}', 404),
 ]
 
@@ -185,7 +189,8 @@ def soak(args, proc: subprocess.Popen, url: str) -> dict:
     wait_idle(url)
     return {"requests": tally.requests, "completed_streams": tally.completed, "hostile_answered_ok": tally.hostile_ok,
             "disconnects": tally.disconnects, "real_failures": len(tally.failures),
-            "failure_samples": tally.failures[:10], "leaked_blocks": metric(url, "fmstack_kv_blocks_used"),
+            "failure_samples": tally.failures[:10],
+            "failure_kinds": dict(collections.Counter(tally.failures)), "leaked_blocks": metric(url, "fmstack_kv_blocks_used"),
             "rss_mib_start": round(rss0, 1), "rss_mib_end": round(rss_mib(proc.pid), 1),
             "rss_drift_mib": round(rss_mib(proc.pid) - rss0, 1), "wall_s": round(wall, 1),
             "latency_p50_s": pct(tally.latencies, 0.5), "latency_p99_s": pct(tally.latencies, 0.99),
