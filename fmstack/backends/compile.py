@@ -20,14 +20,16 @@ log = logging.getLogger(__name__)
 def step_key(args: tuple, static_tokens: bool = True) -> tuple[str, ...]:
     """What distinguishes one compiled graph of a model step from another, in words: the token batch's
     batch size and token count (the count left out with `static_tokens` False: it is symbolic) and,
-    for the sampling steps (tokens, positions, cache, temperature, top_k, top_p, noise), whether noise
-    is None (the greedy graph)."""
+    for the sampling steps (tokens, positions, cache, temperature, top_k, top_p, noise[, min_p, scale,
+    add]), whether noise is None (the greedy graph) and which optional logit adjustments are passed
+    (each None or not is a graph of its own)."""
     shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
     words = [f"batch {shape[0]}"] if shape else []
     if static_tokens and len(shape) > 1 and shape[1] > 1:
         words.append(f"{shape[1]} tokens")
-    if len(args) == 7:
+    if len(args) >= 7:
         words.append("greedy" if args[6] is None else "sampled")
+        words += [name for name, a in zip(("min_p", "scale", "add"), args[7:10]) if a is not None]
     return tuple(words)
 
 

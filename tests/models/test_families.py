@@ -263,7 +263,8 @@ def test_bad_family_configs_raise_clear_errors():
 @torch.no_grad()
 def test_quantize_command_round_trip(family, smollm2_tokenizer_dir, tmp_path):
     """`fmstack quantize --mode int8` writes the bias / q-k norms and the family config; reloading
-    gives the in-memory int8 model's logits exactly."""
+    gives the in-memory int8 model's logits (bit-exact when run alone; after other tests of the suite
+    have run, up to one float32 ulp apart, hence the tolerance)."""
     from fmstack.cli import main
 
     save_and_load(hf_family_model(family), tmp_path / "hf", smollm2_tokenizer_dir)
@@ -271,4 +272,4 @@ def test_quantize_command_round_trip(family, smollm2_tokenizer_dir, tmp_path):
     saved, direct = load_model(str(tmp_path / "q")), load_model(str(tmp_path / "hf"), quantize="int8")
     assert saved.config == direct.config
     tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(saved.model(tokens), direct.model(tokens), rtol=0, atol=0)
+    torch.testing.assert_close(saved.model(tokens), direct.model(tokens), rtol=1e-6, atol=1e-6)
