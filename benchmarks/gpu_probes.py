@@ -113,6 +113,7 @@ def gemv_probe(dev: torch.device, n: int, k: int, rotate_bytes: int) -> dict:
     One piece: the variants share the weights' makers and the timing loop."""
     from torch._inductor import config as inductor_config
 
+    from fmstack.backends.kernels import int8pack_mm
     from fmstack.quant import ops
     from fmstack.quant.linear import dequantize_int4, int4_params, quantize_int4_with, quantize_int8
 
@@ -155,7 +156,9 @@ def gemv_probe(dev: torch.device, n: int, k: int, rotate_bytes: int) -> dict:
 
     variants = {
         "bf16 F.linear (cuBLAS)": (bf16_w, n * k * 2, lambda w: F.linear(x, w)),
-        "int8 aten._weight_int8pack_mm (fmstack)": (int8_w, n * k + n * 2, lambda q, s: ops.int8_mm(x, q, s)),
+        "int8 aten._weight_int8pack_mm (native)": (int8_w, n * k + n * 2, lambda q, s: int8pack_mm(x, q, s)),
+        "int8 fmstack ops.int8_mm, eager (F.linear + scales)": (int8_w, n * k + n * 2,
+                                                               lambda q, s: ops.int8_mm(x, q, s)),
         "int8 Inductor reduction (coordinate_descent_tuning)": (int8_w, n * k + n * 2, lambda q, s: fused(x, q, s)),
         f"int4 g{group} aten._weight_int4pack_mm (fmstack)": (int4_w, n * k // 2 + (k // group) * n * 2 * 2,
                                                             lambda p, sz: ops.int4_mm(x, p, sz, group)),
