@@ -13,25 +13,6 @@ _SHARED = Path(__file__).resolve().parents[2] / "shared"
 _HELLASWAG_DEV = _SHARED / "data" / "hellaswag" / "hellaswag_val_dev.jsonl"
 
 
-def pytest_configure(config):
-    """A private Inductor cache for the session (unless the user set one): the on-disk compile caches
-    are keyed so that a warm hit is correct, but tests that check what the compiler did (the decode
-    lowering ran, graphs were built) need a cold compile, whatever earlier runs left in /tmp."""
-    import os
-    import tempfile
-
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        config._fmstack_inductor_dir = tempfile.mkdtemp(prefix="fmstack-tests-inductor-")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._fmstack_inductor_dir
-
-
-def pytest_unconfigure(config):
-    import shutil
-
-    if getattr(config, "_fmstack_inductor_dir", None):
-        shutil.rmtree(config._fmstack_inductor_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
     """The fmstack cache (compiled steps, downloads) of this test session: a fresh folder, so tests

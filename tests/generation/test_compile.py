@@ -4,6 +4,8 @@ compiled == eager. Tiny model; compile costs ~1 min on 2 cores, so one module-sc
 import pytest
 import torch
 import torch._dynamo
+import torch._functorch.config
+import torch._inductor.config
 from torch._dynamo.utils import counters
 
 from fmstack.errors import ParameterError
@@ -109,7 +111,11 @@ def test_few_row_matmul_reduction_equals_blas(rows, monkeypatch):
     w = torch.randn(96, 64)
     x = torch.randn(rows, 64)
     fn = torch.compile(lambda v: torch.nn.functional.silu(v) @ w.T, **gc.decode_compile_kwargs("cpu"))
-    torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) @ w.T, rtol=1e-5, atol=1e-5)
+    # a cold compile: the on-disk caches (keyed for our backend) would hand back an earlier run's build
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        got = fn(x)
+    torch.testing.assert_close(got, torch.nn.functional.silu(x) @ w.T, rtol=1e-5, atol=1e-5)
     assert lowered == ([rows] if rows <= gc.GEMV_MAX_ROWS else [])
 
 
