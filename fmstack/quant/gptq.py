@@ -219,53 +219,14 @@ def gptq_quantize(model: nn.Module, calib_ids: Tensor | Sequence[Sequence[int]],
         raise ParameterError(f"gptq_quantize needs a QuantSpec with mode 'gptq', got {spec.mode!r}")
     check_shapes(model, spec)
     t0 = time.perf_counter()
-    device = model.embed.weight.device
     dtype = model.embed.weight.dtype
-    batches = _batches(calib_ids, micro_batch, device)
-    n_tokens = sum(b.numel() for b in batches)
-    log.info("gptq: %d calibration samples, %d tokens, group size %d, act_order=%s", sum(len(b) for b in batches),
-             n_tokens, spec.group_size, act_order)
-    inv_freq = rope_inv_freq(model.config, device=device)
-    xs = [model.embed(b) for b in batches]
-    rope = {}  # T -> (cos, sin, positions)
-    for b in batches:
-        T = b.shape[1]
-        if T not in rope:
-            pos = torch.arange(T, device=device)[None]
-            rope[T] = (*rope_cos_sin(inv_freq, pos, dtype), pos)
-
-    def run_block(block: nn.Module, inputs: list[Tensor]) -> list[Tensor]:
-        outs = []
-        for x in inputs:
-            cos, sin, pos = rope[x.shape[1]]
-            outs.append(block(x, cos, sin, pos.expand(x.shape[0], -1), None))
-        return outs
-
+    xs, run_block = _calibration_inputs(model, _batches(calib_ids, micro_batch, model.embed.weight.device), spec,
+                                        act_order)
     for i, block in enumerate(model.layers):
-        linears = {p: block.get_submodule(p) for p in PROJECTIONS}
-        hooks = {p: _HessianHook(lin.in_features, device) for p, lin in linears.items()}
-        handles = [lin.register_forward_pre_hook(hooks[p]) for p, lin in linears.items()]
-        try:
-            run_block(block, xs)  # float block: the inputs of all four projections
-        finally:
-            for hd in handles:
-                hd.remove()
-        portable = {}
-        for p, lin in linears.items():
-            h = hooks.pop(p).hessian()
-            portable[p] = t = gptq_portable(lin.weight, h, spec, act_order, damp, block_size)
-            del h
-            _set_module(block, p, _dequantized_linear(t, spec.group_size, dtype))
-        xs = run_block(block, xs)  # quantized block (dequantized weights): next block's inputs
-        for p, t in portable.items():
-            name = f"layers.{i}.{p}"
-            if keep is not None:
-                keep.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
-            _set_module(block, p, module_from_portable(t, spec, dtype))
-        del portable
+        xs = _gptq_block(block, f"layers.{i}", xs, run_block, spec, (act_order, damp, block_size), keep)
         log.info("gptq: block %d/%d done (%.1fs)", i + 1, len(model.layers), time.perf_counter() - t0)
     if head == "gptq":
-        hook = _HessianHook(model.output.in_features, device)
+        hook = _HessianHook(model.output.in_features, model.output.weight.device)
         for x in xs:
             hook(model.output, (model.norm(x),))
         t = gptq_portable(model.output.weight, hook.hessian(), spec, act_order, damp, block_size)
@@ -278,6 +239,57 @@ def gptq_quantize(model: nn.Module, calib_ids: Tensor | Sequence[Sequence[int]],
     _set_module(model, "output", module_from_portable(t, spec, dtype))
     log.info("gptq: quantized %d projections in %.1fs", 4 * len(model.layers) + 1, time.perf_counter() - t0)
     return model
+
+
+def _calibration_inputs(model: nn.Module, batches: list[Tensor], spec: QuantSpec, act_order: bool):
+    """The embedded calibration batches (the first block's inputs) and `run_block(block, inputs)`,
+    which runs one block over every batch with the RoPE tables of its length."""
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    log.info("gptq: %d calibration samples, %d tokens, group size %d, act_order=%s", sum(len(b) for b in batches),
+             sum(b.numel() for b in batches), spec.group_size, act_order)
+    inv_freq = rope_inv_freq(model.config, device=device)
+    rope = {}  # T -> (cos, sin, positions)
+    for b in batches:
+        if b.shape[1] not in rope:
+            pos = torch.arange(b.shape[1], device=device)[None]
+            rope[b.shape[1]] = (*rope_cos_sin(inv_freq, pos, dtype), pos)
+
+    def run_block(block: nn.Module, inputs: list[Tensor]) -> list[Tensor]:
+        outs = []
+        for x in inputs:
+            cos, sin, pos = rope[x.shape[1]]
+            outs.append(block(x, cos, sin, pos.expand(x.shape[0], -1), None))
+        return outs
+
+    return [model.embed(b) for b in batches], run_block
+
+
+def _gptq_block(block: nn.Module, name: str, xs: list[Tensor], run_block, spec: QuantSpec, solver: tuple,
+                keep: dict[str, Tensor] | None) -> list[Tensor]:
+    """GPTQ-quantize one block's four projections in place (Hessians from the float block's inputs);
+    returns the next block's inputs, computed through the quantized (dequantized) weights.
+    `solver`: (act_order, damp, block_size) for `gptq_portable`."""
+    dtype = block.attn_norm.weight.dtype
+    linears = {p: block.get_submodule(p) for p in PROJECTIONS}
+    hooks = {p: _HessianHook(lin.in_features, lin.weight.device) for p, lin in linears.items()}
+    handles = [lin.register_forward_pre_hook(hooks[p]) for p, lin in linears.items()]
+    try:
+        run_block(block, xs)  # float block: the inputs of all four projections
+    finally:
+        for hd in handles:
+            hd.remove()
+    portable = {}
+    for p, lin in linears.items():
+        h = hooks.pop(p).hessian()
+        portable[p] = t = gptq_portable(lin.weight, h, spec, *solver)
+        del h
+        _set_module(block, p, _dequantized_linear(t, spec.group_size, dtype))
+    xs = run_block(block, xs)  # quantized block (dequantized weights): next block's inputs
+    for p, t in portable.items():
+        if keep is not None:
+            keep.update({f"{name}.{p}.{k}": v.cpu() for k, v in t.items()})
+        _set_module(block, p, module_from_portable(t, spec, dtype))
+    return xs
 
 
 def _read_texts(path: Path) -> list[str]:
