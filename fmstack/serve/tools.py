@@ -50,14 +50,20 @@ def call_schema(tools: list[dict], name: str | None) -> dict:
     return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
 
 
+def _json_object(text: str) -> dict | None:
+    """`text` parsed as a JSON object, or None when it is not one."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _call(name: Any, args: Any) -> dict | None:
     if not isinstance(name, str) or not name:
         return None
     if isinstance(args, str):  # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
+        args = _json_object(args)
     if not isinstance(args, dict):
         return None
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -65,11 +71,8 @@ def _call(name: Any, args: Any) -> dict | None:
 
 
 def _from_json(text: str) -> dict | None:
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
+    obj = _json_object(text)
+    if obj is None:
         return None
     return _call(obj.get("name"), obj.get("arguments", obj.get("parameters")))
 
