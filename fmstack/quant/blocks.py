@@ -1,0 +1,127 @@
+"""Block-quantized weights in one layout, and their matmul: GGUF's formats kept as they are (Q8_0,
+Q4_0, Q4_1; K-quants repacked once at load, same values) and fmstack's own int8/int4 re-expressed in
+it, so that one kernel family serves all of them.
+
+Layout of a weight `[N, K]` (N output rows, K input columns, K a multiple of `block`):
+  qweight  bits 8: int8 `[N, K]`, the quantized values q (signed).
+           bits 4: uint8 `[N, K/2]`; in each block of 32 values, byte j (0..15) holds value j in its low
+                   nibble and value j + 16 in its high nibble (ggml's order: GGUF Q4_0/Q4_1 quants copy
+                   as they are). q is unsigned, 0..15. 4-bit weights use block 32.
+  scales   `[N, K/block]`, float16 or float32 (fp16 keeps a GGUF file's own bits; fp32 where a
+           scale is a product, as in the K-quants, or fmstack's per-channel int8 repeated per block).
+  mins     None, or `[N, K/block]` (scales' dtype).
+  value    w[n, k] = q[n, k] * scales[n, k // block] + (mins[n, k // block] if mins is not None else 0).
+
+`block_linear(x, weight, int8_act)`: x `[M, K]` -> `[M, N]` = x @ w.T (float32). With `int8_act`, x is
+first quantized per row and block of `block` columns to int8 (`quantize_activations`: symmetric,
+scale = max|x| / 127, round to nearest), so a kernel can use integer dot products; the reference
+computes the same thing in float. Without it the result is x @ w.T within float32 rounding.
+
+`block_linear_reference` is the pure-PyTorch definition every native kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+BITS = (4, 8)
+BLOCKS = (16, 32)
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    qweight: Tensor
+    scales: Tensor
+    mins: Tensor | None
+    bits: int
+    block: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS or self.block not in BLOCKS or (self.bits == 4 and self.block != 32):
+            raise ValueError(f"block layout bits={self.bits} block={self.block} is not supported "
+                             "(bits 8 with block 16 or 32; bits 4 with block 32)")
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[1] * self.block
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """uint8 `[N, K/2]` in ggml's block order -> uint8 `[N, K]` values 0..15."""
+    n = packed.shape[0]
+    b = packed.reshape(n, -1, 16)
+    return torch.cat([b & 0x0F, b >> 4], dim=-1).reshape(n, -1)
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """uint8 `[N, K]` values 0..15 -> `[N, K/2]` in ggml's block order (inverse of `unpack_nibbles`)."""
+    n = q.shape[0]
+    b = q.to(torch.uint8).reshape(n, -1, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, -1)
+
+
+def dequantize_blocks(w: BlockWeight) -> Tensor:
+    """The weight `[N, K]` in float32."""
+    q = unpack_nibbles(w.qweight) if w.bits == 4 else w.qweight
+    n = q.shape[0]
+    v = q.float().reshape(n, -1, w.block) * w.scales.float()[..., None]
+    if w.mins is not None:
+        v = v + w.mins.float()[..., None]
+    return v.reshape(n, -1)
+
+
+def quantize_activations(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """x `[M, K]` -> (q int8 `[M, K]`, scales float32 `[M, K/block]`), per row and block of columns:
+    scale = max|x| / 127 (1 where the block is all zeros), q = round(x / scale)."""
+    m = x.shape[0]
+    xb = x.float().reshape(m, -1, block)
+    s = xb.abs().amax(dim=-1) / 127.0
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round(xb / s[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(m, -1), s
+
+
+def block_linear_reference(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
+    """x `[M, K]` -> float32 `[M, N]`: the definition (see the module docstring)."""
+    x = x.float()
+    if int8_act:
+        q, s = quantize_activations(x, w.block)
+        x = (q.float().reshape(x.shape[0], -1, w.block) * s[..., None]).reshape(x.shape)
+    return x @ dequantize_blocks(w).T
+
+
+def block_linear(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
+    """x `[M, K]` -> float32 `[M, N]`: the native kernel where one is built for x's device, else the reference."""
+    return block_linear_reference(x, w, int8_act)
+
+
+class BlockLinear(nn.Module):
+    """A projection holding a `BlockWeight` (buffers qweight, scales, mins); `int8_act` picks the
+    integer-activation kernel. Output in x's dtype."""
+
+    def __init__(self, w: BlockWeight, int8_act: bool = False):
+        super().__init__()
+        self.bits, self.block, self.int8_act = w.bits, w.block, int8_act
+        self.in_features, self.out_features = w.in_features, w.out_features
+        self.register_buffer("qweight", w.qweight)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("mins", w.mins)
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        return BlockWeight(self.qweight, self.scales, self.mins, self.bits, self.block)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = block_linear(x.reshape(-1, self.in_features), self.weight_blocks, self.int8_act)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"block={self.block}, int8_act={self.int8_act}")
