@@ -1,0 +1,146 @@
+"""fmstack's native CPU kernels for block-quantized weights (`fmstack.quant.blocks`): the op
+`torch.ops.fmstack.block_linear`, built from `block_linear.cpp` on first use with the C++ compiler
+torch.compile already needs, and cached across processes.
+
+Why our own op: no library kernel takes ggml's block layout as it is. torchao 0.18 (the PyPI wheel
+for this torch) ships only CUDA libraries, which do not load on a CPU machine, and its x86
+int8-activation/int4-weight linear wants its own packed layout and per-group zero points;
+`aten._weight_int4pack_mm_for_cpu` runs 98 ms a pass on SmolLM2-135M's projections against 15 ms for
+fmstack's own int4 reduction (benchmarks/results/quant_kernels_cpu.json), `aten._weight_int8pack_mm`
+has per-channel scales only and float activations. docs/quant-kernels.md has the design and figures.
+
+Build cache: `<fmstack cache dir>/kernels/<key>/` ($FMSTACK_CACHE_DIR, the directory
+`checkpoints.named.cache_dir` and the compile cache use), keyed by the sources' hash, the torch
+version and the compiler's version, so a changed source, torch or compiler builds afresh. A process
+that finds the library built loads it directly (a few ms); concurrent first builds serialize on
+torch.utils.cpp_extension's lock file in that directory (one builds, the others wait and load).
+
+`FMSTACK_NATIVE_KERNELS=0` disables the op (everything runs the pure-PyTorch reference); so does a
+failed build (no compiler, no ninja), with one warning per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fmstack.checkpoints.named import cache_dir
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "FMSTACK_NATIVE_KERNELS"
+SOURCES = ("block_linear.cpp", "block_kernels.h")
+STALE_LOCK_S = 600.0  # a lock file older than this was left by a killed build
+
+_here = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once tried; "error": str
+
+
+def enabled() -> bool:
+    """False where $FMSTACK_NATIVE_KERNELS is 0/false/no/off (read on every call: tests flip it)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return f"{cxx} {res.stdout.splitlines()[0] if res.stdout else ''}"
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"no C++ compiler ({cxx}: {e})") from e
+
+
+def build_key() -> str:
+    """Hash of the sources, the torch version and the compiler: the build directory's name."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((_here / name).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(_compiler_id().encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    return cache_dir() / "kernels" / build_key()
+
+
+def _library_name(key: str) -> str:
+    return f"fmstack_blocks_{key}"
+
+
+def _build(directory: Path, name: str) -> None:
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # else cpp_extension's baton waits forever
+    t0 = time.perf_counter()
+    cpp_extension.load(name=name, sources=[str(_here / "block_linear.cpp")], extra_cflags=["-O3"],
+                       extra_include_paths=[str(_here)], build_directory=str(directory),
+                       is_python_module=False, verbose=False)
+    log.info("built the native block kernels in %.1f s (%s)", time.perf_counter() - t0, directory)
+
+
+def _load() -> None:
+    key = build_key()
+    directory = cache_dir() / "kernels" / key
+    name = _library_name(key)
+    lib = directory / f"{name}.so"
+    if lib.exists() and not (directory / "lock").exists():
+        torch.ops.load_library(str(lib))
+    else:
+        _build(directory, name)
+    _register_fake()
+    torch.ops.fmstack.block_linear_isa(torch.backends.cpu.get_cpu_capability())  # honour ATEN_CPU_CAPABILITY
+
+
+def available() -> bool:
+    """Whether `torch.ops.fmstack.block_linear` is usable: enabled, and built and loaded (once per
+    process; a failure logs one warning and stays False)."""
+    if not enabled():
+        return False
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                try:
+                    if shutil.which(os.environ.get("CXX", "c++")) is None:
+                        raise RuntimeError(f"no C++ compiler on PATH ({os.environ.get('CXX', 'c++')})")
+                    _load()
+                    _state["ok"] = True
+                except Exception as e:  # noqa: BLE001 - any build/load failure means: use the reference
+                    _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
+                    log.warning("native block kernels unavailable, using the PyTorch reference: %s", _state["error"])
+    return bool(_state["ok"])
+
+
+def isa(request: str = "") -> str:
+    """The code path the op runs ("avx512vnni", "avxvnni", "avx2", "scalar"); with `request` (an ATen
+    capability DEFAULT/AVX2/AVX512 or one of those names) first switch to the best path it allows."""
+    if not available():
+        raise RuntimeError(f"native block kernels unavailable: {_state.get('error', f'{ENV_SWITCH}=0')}")
+    return torch.ops.fmstack.block_linear_isa(request)
+
+
+def block_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, block: int,
+                 int8_act: bool) -> Tensor:
+    """`torch.ops.fmstack.block_linear` on float32 contiguous x `[M, K]` -> float32 `[M, N]`; only after
+    `available()`."""
+    return torch.ops.fmstack.block_linear(x, qweight, scales, mins, bits, block, int8_act)
+
+
+def _register_fake() -> None:
+    """Shape rule for torch.compile (FakeTensor tracing: no graph break), once the op exists."""
+    @torch.library.register_fake("fmstack::block_linear")
+    def _(x, qweight, scales, mins, bits, block, int8_act):
+        return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)

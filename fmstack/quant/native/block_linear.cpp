@@ -1,0 +1,293 @@
+// torch.ops.fmstack.block_linear: x float32 [M, K] @ a block-quantized weight [N, K] (the layout of
+// fmstack/quant/blocks.py) -> float32 [M, N], and torch.ops.fmstack.block_linear_isa (which code path).
+//
+// M <= kGemvRows (decode): the weight is streamed once; each weight block meets every row of x while
+// it is in registers. With int8_act, x is quantized per row and block exactly as
+// blocks.quantize_activations does, the block sums are integer dot products (VNNI / AVX2 / scalar),
+// one float multiply-add per block applies the two scales. Without it the weight is dequantized in
+// registers against float x. M > kGemvRows (prefill): tiles of weight rows are dequantized to float32
+// and multiplied with at::mm (BLAS), in parallel over tiles.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FM_X86 1
+#else
+#define FM_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kGemvRows = 16;
+constexpr int64_t kTileRows = 64;
+
+struct Args {
+  const uint8_t* w;  // qweight, wrow bytes per row
+  int64_t wrow;
+  const void* sc;  // scales [N, nb], float or Half (half == true)
+  const void* mn;  // mins like scales, or nullptr
+  bool half;
+  int bits, block;
+  int64_t M, N, K, nb;
+  const float* x;       // float path: x [M, K]
+  const int8_t* qx;     // int8 path: quantized x [M, K] (nullptr on the float path)
+  const float* sx;      // its scales [M, nb]
+  const int32_t* isum;  // its block sums [M, nb]
+  float* out;           // [M, N]
+};
+
+// ---- portable scalar path (non-x86, ATEN_CPU_CAPABILITY=default) ----
+namespace scalar {
+
+inline float ld(const void* p, bool half, int64_t i) {
+  return half ? static_cast<float>(static_cast<const c10::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline int q_at(const Args& a, const uint8_t* w, int64_t k) {  // weight value k of one row
+  if (a.bits == 8) return static_cast<int8_t>(w[k]);
+  const int64_t b = k / 32, j = k % 32;
+  const uint8_t byte = w[b * 16 + (j & 15)];
+  return j < 16 ? (byte & 0x0F) : (byte >> 4);
+}
+
+void gemv(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = a.w + n * a.wrow;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const float d = ld(a.sc, a.half, n * a.nb + b), mv = a.mn ? ld(a.mn, a.half, n * a.nb + b) : 0.f;
+        if (a.qx) {
+          int32_t dot = 0;
+          for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k) dot += q_at(a, w, k) * a.qx[m * a.K + k];
+          const float s = a.sx[m * a.nb + b];
+          acc += d * s * (float)dot + mv * s * (float)a.isum[m * a.nb + b];
+        } else {
+          for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k)
+            acc += std::fma((float)q_at(a, w, k), d, mv) * a.x[m * a.K + k];
+        }
+      }
+      a.out[m * a.N + n] = acc;
+    }
+  }
+}
+
+void dequant_rows(const Args& a, int64_t n0, int64_t n1, float* dst) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int64_t b = k / a.block;
+      const float mv = a.mn ? ld(a.mn, a.half, n * a.nb + b) : 0.f;
+      dst[(n - n0) * a.K + k] = std::fma((float)q_at(a, a.w + n * a.wrow, k), ld(a.sc, a.half, n * a.nb + b), mv);
+    }
+}
+
+}  // namespace scalar
+
+#if FM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "block_kernels.h"
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avxvnni {
+#define FM_DPBUSD _mm256_dpbusd_avx_epi32
+#include "block_kernels.h"
+#undef FM_DPBUSD
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace avx512vnni {
+#define FM_DPBUSD _mm256_dpbusd_epi32
+#include "block_kernels.h"
+#undef FM_DPBUSD
+}
+#pragma GCC pop_options
+#endif
+
+// ---- instruction-set choice ----
+enum Isa { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+
+bool cpu_has(Isa isa) {
+#if FM_X86
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case kScalar: return true;
+    case kAvx2: return avx2;
+    case kAvxVnni: return avx2 && __builtin_cpu_supports("avxvnni");
+    case kAvx512Vnni:
+      return avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw");
+  }
+#endif
+  return isa == kScalar;
+}
+
+Isa best_up_to(Isa cap) {
+  for (int i = cap; i > kScalar; --i)
+    if (cpu_has(static_cast<Isa>(i))) return static_cast<Isa>(i);
+  return kScalar;
+}
+
+std::atomic<int> g_isa{-1};
+
+Isa current_isa() {
+  int v = g_isa.load();
+  if (v < 0) g_isa.store(v = best_up_to(kAvx512Vnni));
+  return static_cast<Isa>(v);
+}
+
+// request: "" (query), an ATen capability ("DEFAULT", "AVX2", "AVX512": the best path it allows) or a
+// path name (kIsaNames; clamped to what this CPU has). Returns the path now in use.
+std::string block_linear_isa(const std::string& request) {
+  if (!request.empty()) {
+    Isa cap = kAvx512Vnni;
+    if (request == "DEFAULT" || request == "scalar") cap = kScalar;
+    else if (request == "AVX2" || request == "avx2") cap = kAvx2;
+    else if (request == "avxvnni") cap = kAvxVnni;
+    else TORCH_CHECK(request == "AVX512" || request == "avx512vnni",
+                     "block_linear_isa: unknown request '", request,
+                     "' (allowed: DEFAULT, AVX2, AVX512, scalar, avx2, avxvnni, avx512vnni)");
+    g_isa.store(best_up_to(cap));
+  }
+  return kIsaNames[current_isa()];
+}
+
+void run_gemv(Isa isa, const Args& a, int64_t n0, int64_t n1) {
+  switch (isa) {
+#if FM_X86
+    case kAvx512Vnni: return avx512vnni::gemv(a, n0, n1);
+    case kAvxVnni: return avxvnni::gemv(a, n0, n1);
+    case kAvx2: return avx2::gemv(a, n0, n1);
+#endif
+    default: return scalar::gemv(a, n0, n1);
+  }
+}
+
+void run_dequant(Isa isa, const Args& a, int64_t n0, int64_t n1, float* dst) {
+  switch (isa) {
+#if FM_X86
+    case kAvx512Vnni: return avx512vnni::dequant_rows(a, n0, n1, dst);
+    case kAvxVnni: return avxvnni::dequant_rows(a, n0, n1, dst);
+    case kAvx2: return avx2::dequant_rows(a, n0, n1, dst);
+#endif
+    default: return scalar::dequant_rows(a, n0, n1, dst);
+  }
+}
+
+// x per row and block: s = max|x| / 127 (1 for an all-zero block), q = round-half-even(x / s) in
+// [-127, 127]: the same float operations as blocks.quantize_activations, so q is bit-identical.
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, int32_t* isum) {
+  const int64_t nb = K / block;
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * block;
+    float amax = 0.f;
+    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    float scale = amax / 127.0f;
+    if (scale == 0.f) scale = 1.f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < block; ++j) {
+      const float r = std::nearbyint(xb[j] / scale);
+      const int8_t v = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+      q[i * block + j] = v;
+      sum += v;
+    }
+    s[i] = scale;
+    isum[i] = sum;
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "block_linear: x must be a contiguous float32 CPU matrix [M, K], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK((bits == 8 && (block == 16 || block == 32)) || (bits == 4 && block == 32),
+              "block_linear: bits=", bits, " block=", block, " is not supported (bits 8 with block 16 or 32; bits 4 with block 32)");
+  const int64_t N = qweight.size(0), K = x.size(1);
+  TORCH_CHECK(K % block == 0 && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / block,
+              "block_linear: scales must be [N, K/block] = [", N, ", ", K / block, "], got ", scales.sizes());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == (bits == 8 ? K : K / 2) &&
+                  qweight.element_size() == 1,
+              "block_linear: qweight must be a contiguous [N, ", bits == 8 ? K : K / 2, "] byte tensor, got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf),
+              "block_linear: scales must be contiguous float32 or float16, got ", scales.scalar_type());
+  if (mins)
+    TORCH_CHECK(mins->is_contiguous() && mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
+                "block_linear: mins must match scales (", scales.scalar_type(), " ", scales.sizes(), "), got ",
+                mins->scalar_type(), " ", mins->sizes());
+}
+
+// Prefill: weight row tiles dequantized to float32, then BLAS; xf is x (or its int8 round trip).
+void tiled_mm(Isa isa, const Args& a, const at::Tensor& xf, at::Tensor& out) {
+  const int64_t tiles = (a.N + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(kTileRows * a.K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTileRows, n1 = std::min(a.N, n0 + kTileRows);
+      run_dequant(isa, a, n0, n1, buf.data());
+      const at::Tensor w = at::from_blob(buf.data(), {n1 - n0, a.K}, xf.options());
+      out.narrow(1, n0, n1 - n0).copy_(at::mm(xf, w.t()));
+    }
+  });
+}
+
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block, bool int8_act) {
+  check_inputs(x, qweight, scales, mins, bits, block);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / block;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  Args a{static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1), scales.data_ptr(),
+         mins ? mins->data_ptr() : nullptr, scales.scalar_type() == at::kHalf, (int)bits, (int)block,
+         M, N, K, nb, x.data_ptr<float>(), nullptr, nullptr, nullptr, out.data_ptr<float>()};
+  const Isa isa = current_isa();
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> isum;
+  if (int8_act) {
+    q.resize(M * K), s.resize(M * nb), isum.resize(M * nb);
+    quantize_activations(a.x, M, K, block, q.data(), s.data(), isum.data());
+    a.qx = q.data(), a.sx = s.data(), a.isum = isum.data();
+  }
+  if (M > kGemvRows) {
+    at::Tensor xf = x;
+    if (int8_act) {  // the activations' int8 round trip, in float
+      xf = at::empty({M, K}, x.options());
+      float* p = xf.data_ptr<float>();
+      for (int64_t i = 0; i < M * K; ++i) p[i] = (float)q[i] * s[i / block];
+    }
+    tiled_mm(isa, a, xf, out);
+    return out;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { run_gemv(isa, a, n0, n1); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fmstack, m) {
+  m.def("block_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, bool int8_act) -> Tensor");
+  m.def("block_linear_isa(str request) -> str", &block_linear_isa);
+}
+
+TORCH_LIBRARY_IMPL(fmstack, CPU, m) { m.impl("block_linear", &block_linear); }
