@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fmstack.quant import native
+
 BITS = (4, 8)
 BLOCKS = (16, 32)
 
@@ -98,7 +100,10 @@ def block_linear_reference(x: Tensor, w: BlockWeight, int8_act: bool = False) ->
 
 
 def block_linear(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
-    """x `[M, K]` -> float32 `[M, N]`: the native kernel where one is built for x's device, else the reference."""
+    """x `[M, K]` -> float32 `[M, N]`: the native kernel where one is built for x's device (CPU, no
+    gradient wanted: the op has no backward), else the reference."""
+    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) and native.available():
+        return native.block_linear(x.float().contiguous(), w.qweight, w.scales, w.mins, w.bits, w.block, int8_act)
     return block_linear_reference(x, w, int8_act)
 
 

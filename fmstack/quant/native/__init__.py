@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fmstack.checkpoints.named import cache_dir
-
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "FMSTACK_NATIVE_KERNELS"
@@ -71,6 +69,11 @@ def build_key() -> str:
 
 
 def build_dir() -> Path:
+    """`<fmstack cache dir>/kernels/<build_key()>`."""
+    # Imported here, not at the top: importing fmstack.checkpoints runs its __init__, which imports
+    # fmstack.quant; fmstack.quant imports blocks, which imports this module: at import time a circle.
+    from fmstack.checkpoints.named import cache_dir
+
     return cache_dir() / "kernels" / build_key()
 
 
@@ -93,8 +96,8 @@ def _build(directory: Path, name: str) -> None:
 
 
 def _load() -> None:
-    key = build_key()
-    directory = cache_dir() / "kernels" / key
+    directory = build_dir()
+    key = directory.name
     name = _library_name(key)
     lib = directory / f"{name}.so"
     if lib.exists() and not (directory / "lock").exists():
@@ -105,6 +108,7 @@ def _load() -> None:
     torch.ops.fmstack.block_linear_isa(torch.backends.cpu.get_cpu_capability())  # honour ATEN_CPU_CAPABILITY
 
 
+@torch.compiler.assume_constant_result  # traced as a constant: no graph break in compiled callers
 def available() -> bool:
     """Whether `torch.ops.fmstack.block_linear` is usable: enabled, and built and loaded (once per
     process; a failure logs one warning and stays False)."""
@@ -135,8 +139,9 @@ def isa(request: str = "") -> str:
 def block_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, block: int,
                  int8_act: bool) -> Tensor:
     """`torch.ops.fmstack.block_linear` on float32 contiguous x `[M, K]` -> float32 `[M, N]`; only after
-    `available()`."""
-    return torch.ops.fmstack.block_linear(x, qweight, scales, mins, bits, block, int8_act)
+    `available()`. The weight tensors are made contiguous (free where they are)."""
+    mins = None if mins is None else mins.contiguous()
+    return torch.ops.fmstack.block_linear(x, qweight.contiguous(), scales.contiguous(), mins, bits, block, int8_act)
 
 
 def _register_fake() -> None:
