@@ -7,9 +7,6 @@
 // One 256-bit vector holds 32 weights: one block of 32, or two blocks of 16 (int32 lanes 0-3 come from
 // bytes 0-15, lanes 4-7 from bytes 16-31, so the two blocks keep separate sums).
 
-static inline float ld(const float* p) { return *p; }
-static inline float ld(const at::Half* p) { return _cvtsh_ss(p->x); }
-
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -37,79 +34,93 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-// Integer path for rows m0..m0+MR of x against weight row n; 32 weights per step (`span` blocks).
-template <int BITS, int BLOCK, typename S, int MR>
-static void rows_i8(const Args& a, int64_t n, int64_t m0) {
+// Scales (or mins) of one weight row as float32, 8 at a time: no per-block conversion in the dot loops.
+static inline void row_to_float(const float* p, int64_t nb, float* dst) { std::copy(p, p + nb, dst); }
+static inline void row_to_float(const at::Half* p, int64_t nb, float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= nb; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
+  for (; j < nb; ++j) dst[j] = _cvtsh_ss(p[j].x);
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  float r = hsum(acc);
+  for (; j < n; ++j) r += a[j] * b[j];
+  return r;
+}
+
+// Integer path for rows m0..m0+MR of x against weight row n, 32 weights (one block of 32, two of 16)
+// per step; d and mn are the row's scales and mins as float32.
+template <int BITS, int BLOCK, int MR>
+static void rows_i8(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
   const uint8_t* w = a.w + n * a.wrow;
-  const S* sc = static_cast<const S*>(a.sc) + n * a.nb;
-  const S* mn = a.mn ? static_cast<const S*>(a.mn) + n * a.nb : nullptr;
   const int8_t* qx = a.qx + m0 * a.K;
   const float* sx = a.sx + m0 * a.nb;
-  __m256 acc[2][MR];
-  float macc[MR];
-  for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps(), macc[m] = 0.f;
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   constexpr int span = 32 / BLOCK;
-  auto step = [&](int64_t b, int blocks, __m256* out) {  // blocks b..b+blocks-1 (blocks <= span)
+  const int64_t full = a.nb / span * span;
+  for (int64_t b = 0; b < full; b += span) {
     __m256i wu, wv = _mm256_setzero_si256();
     if (BITS == 4) {
       wu = unpack_q4(w + b * 16);
     } else {
-      wv = blocks == 2 || BLOCK == 32 ? load32(w + b * BLOCK) : load16(w + b * BLOCK);
+      wv = load32(w + b * BLOCK);
       wu = _mm256_abs_epi8(wv);  // -128 -> 0x80 = 128 as unsigned: still exact
     }
-    const float d0 = ld(sc + b), d1 = blocks == 2 ? ld(sc + b + 1) : 0.f;
+    const __m256 dv = span == 1 ? _mm256_broadcast_ss(d + b)
+                                : _mm256_set_m128(_mm_broadcast_ss(d + b + 1), _mm_broadcast_ss(d + b));
     for (int m = 0; m < MR; ++m) {
-      const int8_t* xb = qx + m * a.K + b * BLOCK;
-      __m256i xv = blocks == 2 || BLOCK == 32 ? load32(xb) : load16(xb);
+      __m256i xv = load32(qx + m * a.K + b * BLOCK);
       if (BITS == 8) xv = _mm256_sign_epi8(xv, wv);
-      const __m256 f = _mm256_cvtepi32_ps(dot_u8s8(wu, xv));
       const float* s = sx + m * a.nb + b;
-      const __m256 scale = span == 1 ? _mm256_set1_ps(d0 * s[0])
-                                     : _mm256_set_m128(_mm_set1_ps(blocks == 2 ? d1 * s[1] : 0.f), _mm_set1_ps(d0 * s[0]));
-      out[m] = _mm256_fmadd_ps(f, scale, out[m]);
-    }
-  };
-  int64_t b = 0;
-  for (; b + 2 * span <= a.nb; b += 2 * span) step(b, span, acc[0]), step(b + span, span, acc[1]);
-  for (; b < a.nb; b += span) step(b, (int)std::min<int64_t>(span, a.nb - b), acc[0]);
-  if (mn) {  // sum_j m * qx_j * sx = m * sx * isum
-    for (int m = 0; m < MR; ++m) {
-      const float* s = sx + m * a.nb;
-      const int32_t* is = a.isum + (m0 + m) * a.nb;
-      for (int64_t j = 0; j < a.nb; ++j) macc[m] += ld(mn + j) * s[j] * (float)is[j];
+      const __m256 sv = span == 1 ? _mm256_broadcast_ss(s) : _mm256_set_m128(_mm_broadcast_ss(s + 1), _mm_broadcast_ss(s));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wu, xv)), _mm256_mul_ps(dv, sv), acc[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) a.out[(m0 + m) * a.N + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) + macc[m];
+  float tail[MR] = {};
+  if (full < a.nb) {  // a last lone block of 16
+    const __m256i wv = load16(w + full * BLOCK), wu = _mm256_abs_epi8(wv);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xv = _mm256_sign_epi8(load16(qx + m * a.K + full * BLOCK), wv);
+      tail[m] = hsum(_mm256_cvtepi32_ps(dot_u8s8(wu, xv))) * d[full] * sx[m * a.nb + full];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {  // + sum_b min_b * sx_b * sum(qx in b)
+    const float mins = mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f;
+    a.out[(m0 + m) * a.N + n] = hsum(acc[m]) + tail[m] + mins;
+  }
 }
 
 // Weight block b of row w as float32 vectors of 8 (BLOCK / 8 of them): q * d + min, one rounding (fma).
-template <int BITS, int BLOCK, typename S>
-static inline void dequant_block(const uint8_t* w, const S* sc, const S* mn, int64_t b, __m256* v) {
-  const __m256 d = _mm256_set1_ps(ld(sc + b)), mv = _mm256_set1_ps(mn ? ld(mn + b) : 0.f);
+template <int BITS, int BLOCK>
+static inline void dequant_block(const uint8_t* w, const float* d, const float* mn, int64_t b, __m256* v) {
+  const __m256 dv = _mm256_broadcast_ss(d + b), mv = mn ? _mm256_broadcast_ss(mn + b) : _mm256_setzero_ps();
   if (BITS == 4) {
     const __m256i q = unpack_q4(w + b * 16);
     const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[g])), d, mv);
+    for (int g = 0; g < 4; ++g) v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[g])), dv, mv);
   } else {
     for (int g = 0; g < BLOCK / 8; ++g) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + b * BLOCK + g * 8));
-      v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d, mv);
+      v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), dv, mv);
     }
   }
 }
 
 // Float path for rows m0..m0+MR of x against weight row n: the weight dequantized in registers.
-template <int BITS, int BLOCK, typename S, int MR>
-static void rows_f32(const Args& a, int64_t n, int64_t m0) {
+template <int BITS, int BLOCK, int MR>
+static void rows_f32(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
   const uint8_t* w = a.w + n * a.wrow;
-  const S* sc = static_cast<const S*>(a.sc) + n * a.nb;
-  const S* mn = a.mn ? static_cast<const S*>(a.mn) + n * a.nb : nullptr;
   __m256 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
   __m256 v[BLOCK / 8];
   for (int64_t b = 0; b < a.nb; ++b) {
-    dequant_block<BITS, BLOCK, S>(w, sc, mn, b, v);
+    dequant_block<BITS, BLOCK>(w, d, mn, b, v);
     for (int m = 0; m < MR; ++m) {
       const float* xb = a.x + (m0 + m) * a.K + b * BLOCK;
       for (int g = 0; g < BLOCK / 8; ++g)
@@ -119,16 +130,24 @@ static void rows_f32(const Args& a, int64_t n, int64_t m0) {
   for (int m = 0; m < MR; ++m) a.out[(m0 + m) * a.N + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
 }
 
+// Scales and mins of weight row n as float32 into buf[0, nb) and buf[nb, 2 nb); returns the mins or nullptr.
+template <typename S>
+static inline const float* row_scales(const Args& a, int64_t n, float* buf) {
+  row_to_float(static_cast<const S*>(a.sc) + n * a.nb, a.nb, buf);
+  if (!a.mn) return nullptr;
+  row_to_float(static_cast<const S*>(a.mn) + n * a.nb, a.nb, buf + a.nb);
+  return buf + a.nb;
+}
+
 template <int BITS, int BLOCK, typename S>
 static void dequant_rows_t(const Args& a, int64_t n0, int64_t n1, float* dst) {
+  std::vector<float> buf(2 * a.nb);
   __m256 v[BLOCK / 8];
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = a.w + n * a.wrow;
-    const S* sc = static_cast<const S*>(a.sc) + n * a.nb;
-    const S* mn = a.mn ? static_cast<const S*>(a.mn) + n * a.nb : nullptr;
+    const float* mn = row_scales<S>(a, n, buf.data());
     float* row = dst + (n - n0) * a.K;
     for (int64_t b = 0; b < a.nb; ++b) {
-      dequant_block<BITS, BLOCK, S>(w, sc, mn, b, v);
+      dequant_block<BITS, BLOCK>(a.w + n * a.wrow, buf.data(), mn, b, v);
       for (int g = 0; g < BLOCK / 8; ++g) _mm256_storeu_ps(row + b * BLOCK + 8 * g, v[g]);
     }
   }
@@ -137,14 +156,17 @@ static void dequant_rows_t(const Args& a, int64_t n0, int64_t n1, float* dst) {
 // All rows of x against weight rows n0..n1, in chunks of up to 4 rows (4 x 2 accumulators in registers).
 template <int BITS, int BLOCK, typename S>
 static void gemv_t(const Args& a, int64_t n0, int64_t n1) {
+  std::vector<float> buf(2 * a.nb);
+  const float* d = buf.data();
   for (int64_t n = n0; n < n1; ++n) {
+    const float* mn = row_scales<S>(a, n, buf.data());
     int64_t m = 0;
     if (a.qx) {
-      for (; m + 4 <= a.M; m += 4) rows_i8<BITS, BLOCK, S, 4>(a, n, m);
-      for (; m < a.M; ++m) rows_i8<BITS, BLOCK, S, 1>(a, n, m);
+      for (; m + 4 <= a.M; m += 4) rows_i8<BITS, BLOCK, 4>(a, n, m, d, mn);
+      for (; m < a.M; ++m) rows_i8<BITS, BLOCK, 1>(a, n, m, d, mn);
     } else {
-      for (; m + 4 <= a.M; m += 4) rows_f32<BITS, BLOCK, S, 4>(a, n, m);
-      for (; m < a.M; ++m) rows_f32<BITS, BLOCK, S, 1>(a, n, m);
+      for (; m + 4 <= a.M; m += 4) rows_f32<BITS, BLOCK, 4>(a, n, m, d, mn);
+      for (; m < a.M; ++m) rows_f32<BITS, BLOCK, 1>(a, n, m, d, mn);
     }
   }
 }

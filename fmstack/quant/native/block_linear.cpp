@@ -45,7 +45,7 @@ struct Args {
   const float* x;       // float path: x [M, K]
   const int8_t* qx;     // int8 path: quantized x [M, K] (nullptr on the float path)
   const float* sx;      // its scales [M, nb]
-  const int32_t* isum;  // its block sums [M, nb]
+  const float* xsum;    // sx * (sum of the block's q) [M, nb]: the mins' factor
   float* out;           // [M, N]
 };
 
@@ -74,7 +74,7 @@ void gemv(const Args& a, int64_t n0, int64_t n1) {
           int32_t dot = 0;
           for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k) dot += q_at(a, w, k) * a.qx[m * a.K + k];
           const float s = a.sx[m * a.nb + b];
-          acc += d * s * (float)dot + mv * s * (float)a.isum[m * a.nb + b];
+          acc += d * s * (float)dot + mv * a.xsum[m * a.nb + b];
         } else {
           for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k)
             acc += std::fma((float)q_at(a, w, k), d, mv) * a.x[m * a.K + k];
@@ -196,7 +196,7 @@ void run_dequant(Isa isa, const Args& a, int64_t n0, int64_t n1, float* dst) {
 
 // x per row and block: s = max|x| / 127 (1 for an all-zero block), q = round-half-even(x / s) in
 // [-127, 127]: the same float operations as blocks.quantize_activations, so q is bit-identical.
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, int32_t* isum) {
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, float* xsum) {
   const int64_t nb = K / block;
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* xb = x + i * block;
@@ -212,7 +212,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, i
       sum += v;
     }
     s[i] = scale;
-    isum[i] = sum;
+    xsum[i] = scale * (float)sum;
   }
 }
 
@@ -262,12 +262,11 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
          M, N, K, nb, x.data_ptr<float>(), nullptr, nullptr, nullptr, out.data_ptr<float>()};
   const Isa isa = current_isa();
   std::vector<int8_t> q;
-  std::vector<float> s;
-  std::vector<int32_t> isum;
+  std::vector<float> s, xsum;
   if (int8_act) {
-    q.resize(M * K), s.resize(M * nb), isum.resize(M * nb);
-    quantize_activations(a.x, M, K, block, q.data(), s.data(), isum.data());
-    a.qx = q.data(), a.sx = s.data(), a.isum = isum.data();
+    q.resize(M * K), s.resize(M * nb), xsum.resize(M * nb);
+    quantize_activations(a.x, M, K, block, q.data(), s.data(), xsum.data());
+    a.qx = q.data(), a.sx = s.data(), a.xsum = xsum.data();
   }
   if (M > kGemvRows) {
     at::Tensor xf = x;
