@@ -94,7 +94,7 @@ def test_aten_cpu_capability_avx2_selects_the_avx2_path():
         "err = ((block_linear(x, w, True) - ref).abs().max() / ref.abs().max()).item()\n"
         "print(json.dumps({'isa': native.isa(), 'aten': torch.backends.cpu.get_cpu_capability(), 'err': err}))\n")
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["aten"] == "AVX2"
@@ -157,7 +157,8 @@ def test_gradients_take_the_reference():
 ])
 def test_bad_inputs_name_the_field(change, message):
     w = make_weight(8, 32, torch.float16, mins=False)
-    args = dict(x=torch.randn(2, w.in_features), qweight=w.qweight, scales=w.scales, mins=None, bits=8, block=32)
+    args = {"x": torch.randn(2, w.in_features), "qweight": w.qweight, "scales": w.scales, "mins": None, "bits": 8,
+            "block": 32}
     change(args)
     with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         torch.ops.fmstack.block_linear(args["x"], args["qweight"], args["scales"], args["mins"], args["bits"],
@@ -175,7 +176,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     script = ("import torch\nfrom fmstack.quant import native\nassert native.available(), native._state\n"
               "print(native.isa())\n")
     env = dict(os.environ, FMSTACK_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script], check=False, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         _out, err = p.communicate(timeout=900)

@@ -52,7 +52,7 @@ def enabled() -> bool:
 def _compiler_id() -> str:
     cxx = os.environ.get("CXX", "c++")
     try:
-        res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        res = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30)
         return f"{cxx} {res.stdout.splitlines()[0] if res.stdout else ''}"
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C++ compiler ({cxx}: {e})") from e
