@@ -52,6 +52,13 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
   return r;
 }
 
+// out[m0 + m, n] = the scaled block sums + sum_b min_b * sx_b * sum(qx in b).
+template <int MR>
+static inline void store_i8(const Args& a, int64_t n, int64_t m0, const float* mn, const float* sums) {
+  for (int m = 0; m < MR; ++m)
+    a.out[(m0 + m) * a.N + n] = sums[m] + (mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f);
+}
+
 // Integer path for rows m0..m0+MR of x against weight row n, 32 weights (one block of 32, two of 16)
 // per step; d and mn are the row's scales and mins as float32.
 template <int BITS, int BLOCK, int MR>
@@ -89,11 +96,62 @@ static void rows_i8(const Args& a, int64_t n, int64_t m0, const float* d, const 
       tail[m] = hsum(_mm256_cvtepi32_ps(dot_u8s8(wu, xv))) * d[full] * sx[m * a.nb + full];
     }
   }
-  for (int m = 0; m < MR; ++m) {  // + sum_b min_b * sx_b * sum(qx in b)
-    const float mins = mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f;
-    a.out[(m0 + m) * a.N + n] = hsum(acc[m]) + tail[m] + mins;
-  }
+  for (int m = 0; m < MR; ++m) tail[m] += hsum(acc[m]);
+  store_i8<MR>(a, n, m0, mn, tail);
 }
+
+#ifdef FM_ZMM
+// Two floats p[0], p[1] -> lanes 0-7 p[0], lanes 8-15 p[1] (one scale per 32-weight block of a zmm).
+static inline __m512 pair_ps(const float* p) {
+  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+}
+
+// rows_i8 for blocks of 32 with 512-bit VNNI: two blocks (64 weights) per step, half the instructions.
+// 8-bit q: no 512-bit vpsignb, so qx is negated (masked subtract) where q < 0.
+template <int BITS, int MR>
+static void rows_i8_zmm(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
+  const uint8_t* w = a.w + n * a.wrow;
+  const int8_t* qx = a.qx + m0 * a.K;
+  const float* sx = a.sx + m0 * a.nb;
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t full = a.nb & ~int64_t(1);
+  for (int64_t b = 0; b < full; b += 2) {
+    __m512i wu;
+    __mmask64 neg = 0;
+    if (BITS == 4) {  // [lo0 | lo1 | hi0 | hi1] -> [lo0 | hi0 | lo1 | hi1]: each block's 32 values in order
+      const __m256i v = load32(w + b * 16), mask = _mm256_set1_epi8(0x0F);
+      const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask)),
+                                           _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
+      wu = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    } else {
+      const __m512i v = _mm512_loadu_si512(w + b * 32);
+      wu = _mm512_abs_epi8(v);
+      neg = _mm512_movepi8_mask(v);
+    }
+    const __m512 dv = pair_ps(d + b);
+    for (int m = 0; m < MR; ++m) {
+      __m512i xv = _mm512_loadu_si512(qx + m * a.K + b * 32);
+      if (BITS == 8) xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv));
+      acc[m] = _mm512_fmadd_ps(f, _mm512_mul_ps(dv, pair_ps(sx + m * a.nb + b)), acc[m]);
+    }
+  }
+  float sums[MR];
+  for (int m = 0; m < MR; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
+  if (full < a.nb) {  // an odd last block
+    const __m256i wv = BITS == 4 ? _mm256_setzero_si256() : load32(w + full * 32);
+    const __m256i wu = BITS == 4 ? unpack_q4(w + full * 16) : _mm256_abs_epi8(wv);
+    for (int m = 0; m < MR; ++m) {
+      __m256i xv = load32(qx + m * a.K + full * 32);
+      if (BITS == 8) xv = _mm256_sign_epi8(xv, wv);
+      sums[m] += hsum(_mm256_cvtepi32_ps(dot_u8s8(wu, xv))) * d[full] * sx[m * a.nb + full];
+    }
+  }
+  store_i8<MR>(a, n, m0, mn, sums);
+}
+#endif
 
 // Weight block b of row w as float32 vectors of 8 (BLOCK / 8 of them): q * d + min, one rounding (fma).
 template <int BITS, int BLOCK>
@@ -162,6 +220,13 @@ static void gemv_t(const Args& a, int64_t n0, int64_t n1) {
     const float* mn = row_scales<S>(a, n, buf.data());
     int64_t m = 0;
     if (a.qx) {
+#ifdef FM_ZMM
+      if (BLOCK == 32) {
+        for (; m + 4 <= a.M; m += 4) rows_i8_zmm<BITS, 4>(a, n, m, d, mn);
+        for (; m < a.M; ++m) rows_i8_zmm<BITS, 1>(a, n, m, d, mn);
+        continue;
+      }
+#endif
       for (; m + 4 <= a.M; m += 4) rows_i8<BITS, BLOCK, 4>(a, n, m, d, mn);
       for (; m < a.M; ++m) rows_i8<BITS, BLOCK, 1>(a, n, m, d, mn);
     } else {

@@ -117,7 +117,9 @@ namespace avxvnni {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace avx512vnni {
 #define FM_DPBUSD _mm256_dpbusd_epi32
+#define FM_ZMM 1
 #include "block_kernels.h"
+#undef FM_ZMM
 #undef FM_DPBUSD
 }
 #pragma GCC pop_options
