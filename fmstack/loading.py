@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fmstack.checkpoints import Checkpoint, is_generated, load_weights, open_checkpoint
+from fmstack.checkpoints.base import one_intraop_thread
 from fmstack.checkpoints.named import resolve_model_path
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
@@ -131,7 +132,8 @@ def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size:
     elif qspec is not None and qspec.mode in GGUF_MODES:
         with _stage("reading GGUF blocks"):
             model = build_meta(ckpt.config, dtype)
-            install_gguf_blocks(model, qspec, ckpt.block_tensor, device)
+            with one_intraop_thread():  # copies of the mapped file: see `one_intraop_thread`
+                install_gguf_blocks(model, qspec, ckpt.block_tensor, device)
             materialize_meta(model, device)
             model.tie_weights()
     else:
