@@ -101,7 +101,7 @@ def test_default_mode_on_cpu(hf_models, tmp_path):
 
 def test_default_model_matches_dequantized(smollm2_gguf):
     native, ref = (load_model(str(smollm2_gguf), quantize=q) for q in ("auto", "none"))
-    assert param_bytes(native.model) < 110e6 < 500e6 < param_bytes(ref.model)
+    assert param_bytes(native.model) < 110e6 and param_bytes(ref.model) > 500e6
     tokens = torch.tensor([native.tokenizer.encode("The capital of France is")])
     for m in (native.model, ref.model):  # 3 of 30 layers (Q4_1) keep it fast; embedding and head (Q8_0) whole
         m.layers = m.layers[:3]

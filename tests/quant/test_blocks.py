@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fmstack.checkpoints import gguf_quants
+from fmstack.config import named_config
 from fmstack.errors import ParameterError
 from fmstack.models.build import build_model
-from fmstack.config import named_config
 from fmstack.quant import QuantSpec, quantize_model, spec_of
 from fmstack.quant.blocks import (BlockEmbedding, BlockLinear, cat_rows, dequantize_blocks, from_int4,
                                   from_int8, with_layout)
