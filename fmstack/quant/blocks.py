@@ -102,6 +102,14 @@ def block_linear(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
     return block_linear_reference(x, w, int8_act)
 
 
+def hold_blocks(module: nn.Module, w: BlockWeight) -> None:
+    """Give `module` the weight's buffers (qweight, scales, mins) and its bits and block."""
+    module.bits, module.block = w.bits, w.block
+    module.register_buffer("qweight", w.qweight)
+    module.register_buffer("scales", w.scales)
+    module.register_buffer("mins", w.mins)
+
+
 class BlockLinear(nn.Module):
     """A projection holding a `BlockWeight` (buffers qweight, scales, mins); `int8_act` picks the
     integer-activation kernel; `scheme` names the quantization mode it came from (`fmstack.quant`
@@ -109,11 +117,9 @@ class BlockLinear(nn.Module):
 
     def __init__(self, w: BlockWeight, int8_act: bool = False, scheme: str = ""):
         super().__init__()
-        self.bits, self.block, self.int8_act, self.scheme = w.bits, w.block, int8_act, scheme
+        self.int8_act, self.scheme = int8_act, scheme
         self.in_features, self.out_features = w.in_features, w.out_features
-        self.register_buffer("qweight", w.qweight)
-        self.register_buffer("scales", w.scales)
-        self.register_buffer("mins", w.mins)
+        hold_blocks(self, w)
 
     @property
     def weight_blocks(self) -> BlockWeight:
@@ -177,15 +183,11 @@ class BlockEmbedding(nn.Module):
 
     def __init__(self, w: BlockWeight, dtype: torch.dtype = torch.float32, scheme: str = ""):
         super().__init__()
-        self.bits, self.block, self.dtype, self.scheme = w.bits, w.block, dtype, scheme
+        self.dtype, self.scheme = dtype, scheme
         self.num_embeddings, self.embedding_dim = w.out_features, w.in_features
-        self.register_buffer("qweight", w.qweight)
-        self.register_buffer("scales", w.scales)
-        self.register_buffer("mins", w.mins)
+        hold_blocks(self, w)
 
-    @property
-    def weight_blocks(self) -> BlockWeight:
-        return BlockWeight(self.qweight, self.scales, self.mins, self.bits, self.block)
+    weight_blocks = BlockLinear.weight_blocks
 
     def forward(self, tokens: Tensor) -> Tensor:
         flat = tokens.reshape(-1)
