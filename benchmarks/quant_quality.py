@@ -1,5 +1,7 @@
-"""Quality of weight-only quantization on SmolLM2-135M-Instruct (fp32 run dtype): HellaSwag acc_norm and
-perplexity for fp32, int8, int4 round-to-nearest and int4 GPTQ.
+"""Quality of quantization on SmolLM2-135M-Instruct (fp32 run dtype): HellaSwag acc_norm and perplexity
+for fp32, int8, int4 round-to-nearest, int4 GPTQ, and the block-layout modes (`fmstack.quant`): gguf
+(the GGUF file's own blocks: fp32's values, so its row equals fp32's), gguf-a8 (the same with int8
+activations), w8a8 and w4a8 (fmstack's int8 / int4 g32 weights with int8 activations).
 
 Data (all from the HellaSwag developer file, three disjoint row ranges):
   * HellaSwag: rows [0, --rows) (default 500), scored as `fmstack eval hellaswag` does.
@@ -14,6 +16,8 @@ as `kernel_check`), because the native CPU int8/int4 kernels are one to two orde
 than the fp32 matmul on this machine; --kernels evaluates through them.
 Besides the metrics, each quantized mode reports how many HellaSwag predictions (acc_norm argmax)
 differ from fp32's on the same rows ("flips"): a paired, much less noisy closeness measure.
+The block modes are always evaluated through their modules (`blocks.block_linear`): int8 activations
+are part of the function, and scoring calls are large enough that dequantizing per call is cheap.
 
     python benchmarks/quant_quality.py                      # full table (slow on CPU)
     python benchmarks/quant_quality.py --rows 50 --modes fp32,int4-g32,gptq-g32   # quick look
@@ -35,7 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_dev.jsonl"
-DEFAULT_MODES = "fp32,int8,int4-g32,gptq-g32,gptqh-g32,int4-g64,gptq-g64,gptqh-g64"
+DEFAULT_MODES = "fp32,int8,int4-g32,gptq-g32,gptqh-g32,int4-g64,gptq-g64,gptqh-g64,gguf,gguf-a8,w8a8,w4a8"
+BLOCK_MODES = ("gguf", "gguf-a8", "w8a8", "w4a8")
 
 log = logging.getLogger("quant_quality")
 
@@ -50,19 +55,22 @@ def read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def make_quantized(base, mode: str, calib: torch.Tensor, act_order: bool):
+def make_quantized(base, mode: str, calib: torch.Tensor, act_order: bool, model_spec: str):
     """mode: fp32 | int8 | int4-gNN (round to nearest) | gptq-gNN (head rounded to nearest) | gptqh-gNN
-    (head GPTQ-quantized too) -> (model with the quantized modules,
-    its portable tensors, seconds to quantize)."""
+    (head GPTQ-quantized too) | gguf | gguf-a8 (`model_spec` loaded keeping its GGUF blocks) | w8a8 | w4a8
+    -> (model with the quantized modules, its portable tensors, seconds to quantize or load)."""
+    from fmstack.loading import load_model
     from fmstack.quant import QuantSpec, quantize_model
     from fmstack.quant.gptq import gptq_quantize
 
     if mode == "fp32":
         return base, {}, 0.0
-    model, keep = copy.deepcopy(base), {}
     t0 = time.perf_counter()
-    if mode == "int8":
-        quantize_model(model, QuantSpec("int8"), keep=keep)
+    if mode in ("gguf", "gguf-a8"):
+        return load_model(model_spec, quantize=mode).model, {}, time.perf_counter() - t0
+    model, keep = copy.deepcopy(base), {}
+    if mode in ("int8", "w8a8", "w4a8"):
+        quantize_model(model, QuantSpec(mode), keep=keep)
     else:
         kind, g = mode.split("-g")
         if kind == "int4":
@@ -124,7 +132,8 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true", help="GPTQ with act_order (static groups)")
     ap.add_argument("--modes", default=DEFAULT_MODES,
                     help=f"comma list of fp32, int8, int4-gG (round to nearest), gptq-gG (GPTQ, output head rounded "
-                         f"to nearest), gptqh-gG (GPTQ, head too) (default {DEFAULT_MODES}); fp32 is always first")
+                         f"to nearest), gptqh-gG (GPTQ, head too), gguf, gguf-a8, w8a8, w4a8 (block layout, see "
+                         f"fmstack.quant) (default {DEFAULT_MODES}); fp32 is always first")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--kernels", action="store_true",
@@ -181,9 +190,9 @@ def main() -> None:
     check_tokens = torch.tensor([tok.encode(ppl_text, add_bos=False)[:args.check_tokens]])
     results, ref_pred = [], None
     for mode in modes:
-        model, keep, q_s = make_quantized(base, mode, calib, args.act_order)
+        model, keep, q_s = make_quantized(base, mode, calib, args.act_order, args.model)
         kernel_check, weight_mb = None, param_bytes(model) / 2 ** 20
-        if keep and not args.kernels:
+        if keep and not args.kernels and mode not in BLOCK_MODES:
             deq = dequantized_copy(model, keep)
             with torch.inference_mode():
                 a, b = model(check_tokens), deq(check_tokens)
@@ -202,7 +211,8 @@ def main() -> None:
         label = mode + (" (act_order)" if mode.startswith("gptq") and args.act_order else "")
         label = label.replace("gptqh-", "gptq+head-")
         r = {"mode": mode, "label": label, "quantize_s": round(q_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
-             "evaluated_with": "fp32" if mode == "fp32" else ("kernels" if args.kernels else "dequantized"),
+             "evaluated_with": "fp32" if mode == "fp32" else ("kernels" if args.kernels or mode in BLOCK_MODES
+                                                               else "dequantized"),
              "kernel_check": kernel_check, "weight_mb": weight_mb, "hellaswag": res.metrics, "perplexity": pp.metrics,
              "flips_vs_fp32": sum(a != b for a, b in zip(preds, ref_pred))}
         results.append(r)

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from fmstack.checkpoints import Checkpoint, is_generated, load_weights, open_checkpoint
+from fmstack.checkpoints.base import one_intraop_thread
 from fmstack.checkpoints.named import resolve_model_path
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.models.build import build_meta, build_model, materialize_meta
 from fmstack.models.protocol import CausalLM
 from fmstack.parallel import ParallelPlan, dist, make_plan
-from fmstack.quant import QuantSpec, load_quantized, quantize_model
+from fmstack.quant import GGUF_MODES, QuantSpec, install_gguf_blocks, load_quantized, quantize_model, spec_of
 from fmstack.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,27 +115,38 @@ def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size:
     if quantize == "gptq":
         raise ParameterError("--quantize gptq needs calibration: run `fmstack quantize --mode gptq --out DIR` "
                              "and load DIR")
-    qspec = QuantSpec(quantize, group_size) if quantize else None
+    qspec = QuantSpec(quantize, group_size) if quantize not in (None, "none", "auto") else None
     t0 = time.perf_counter()
     with _stage("opening the checkpoint"):  # GGUF: header, metadata and every tensor's type and shape
         ckpt = open_checkpoint(spec if is_generated(spec) else resolve_model_path(spec), seed=seed, device=device)
     with _stage("tokenizer"):  # first: its temporaries are freed before the weights are materialized
         tokenizer = _tokenizer(ckpt)
+    if quantize == "auto":
+        auto = ckpt.block_tensor is not None and device.type == "cpu" and dtype == torch.float32 and plan is None
+        qspec = QuantSpec("gguf") if auto else None
+    _check_blocks(ckpt, qspec, plan)
     if ckpt.quant is not None:
         _check_requantize(ckpt, qspec, plan)
         with _stage(f"reading {ckpt.quant.mode} weights"):
             model = _build_quantized(ckpt, device, dtype)
+    elif qspec is not None and qspec.mode in GGUF_MODES:
+        with _stage("reading GGUF blocks"):
+            model = build_meta(ckpt.config, dtype)
+            with one_intraop_thread():  # copies of the mapped file: see `one_intraop_thread`
+                install_gguf_blocks(model, qspec, ckpt.block_tensor, device)
+            materialize_meta(model, device)
+            model.tie_weights()
     else:
         with _stage("building"):
             model = plan.build(ckpt.config, device, dtype) if plan else build_model(ckpt.config, device, dtype)
     with _stage("reading weights" if ckpt.format != "gguf" else "reading and dequantizing weights"):
         load_weights(model, ckpt, plan.slice_for if plan else None)
-    if qspec is not None:
+    if qspec is not None and qspec.mode not in GGUF_MODES:
         with _stage(f"quantizing to {qspec.mode}"):
             quantize_model(model, qspec, portable_for=plan.quantizer(qspec) if plan else None)
     model.eval().requires_grad_(False)
     load_s = time.perf_counter() - t0
-    quant = qspec or ckpt.quant
+    quant = spec_of(model) if qspec is not None and qspec.mode in GGUF_MODES else qspec or ckpt.quant
     log.info("loaded %s (%s, %s%s) in %.2fs", ckpt.path, ckpt.format, str(dtype).removeprefix("torch."),
              f", {quant.mode}" if quant else "", load_s)
     return LoadedModel(model, tokenizer, ckpt.config, str(ckpt.path), ckpt.format, load_s)
@@ -151,6 +163,18 @@ def _tokenizer(ckpt: Checkpoint):
         for key in [k for k in meta if k.startswith("tokenizer.ggml.")]:
             del meta[key]
     return tokenizer
+
+
+def _check_blocks(ckpt: Checkpoint, qspec: QuantSpec | None, plan: ParallelPlan | None) -> None:
+    """The block modes run on one process; gguf/gguf-a8 need a GGUF file."""
+    if qspec is None or not qspec.blocks:
+        return
+    if plan is not None:
+        raise ParameterError(f"--quantize {qspec.mode} cannot be combined with --parallel (block-layout weights "
+                             "are not split over ranks); use --quantize int8 or int4, or --quantize none")
+    if qspec.mode in GGUF_MODES and ckpt.block_tensor is None:
+        raise ParameterError(f"--quantize {qspec.mode} keeps a GGUF file's own blocks, but {ckpt.path} is a "
+                             f"{ckpt.format} checkpoint; use --quantize w8a8 or w4a8 for the block layout")
 
 
 def _check_requantize(ckpt: Checkpoint, qspec: QuantSpec | None, plan: ParallelPlan | None) -> None:

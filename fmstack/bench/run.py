@@ -24,11 +24,12 @@ from fmstack.bench.systems import fmstack_system, speculative_system
 from fmstack.errors import ParameterError
 from fmstack.generation.speculative import MAX_SPECULATE_K
 from fmstack.loading import parse_device, parse_dtype
+from fmstack.quant import BLOCK_MODES
 
 log = logging.getLogger("fmstack.bench")
 
 PEERS = ("hf", "llamacpp")
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4") + BLOCK_MODES  # none: float weights (a GGUF dequantized)
 DEFAULT_SPECULATE_K = 4
 
 

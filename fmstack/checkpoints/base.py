@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from fmstack.config import ModelConfig
 from fmstack.errors import CheckpointError
 from fmstack.quant import QuantSpec
+from fmstack.quant.blocks import BlockWeight
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Checkpoint:
     others without reading them (pipeline/tensor parallel ranks load only what they hold).
     A quantized checkpoint (fmstack's own) also has `quant`, its scheme, and `quant_tensors(module)`,
     the portable tensors (`qweight`, `scales`, `zeros`) of one quantized projection.
+    `block_tensor(name)` (GGUF): the canonical matrix `name` as a `fmstack.quant.blocks.BlockWeight`
+    holding the file's own blocks, or None where its type is not kept as blocks (float types).
     `metadata` is the format's own header as read, for callers that need a raw field: GGUF key/values
     (the tokenizer arrays included), `{"config": config.json}` (HF, fmstack), `{"params": params.json}` (Meta).
     """
@@ -69,6 +72,7 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     quant: QuantSpec | None = None
     quant_tensors: Callable[[str], dict[str, Tensor]] | None = None
+    block_tensor: Callable[[str], BlockWeight | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,10 @@ def float_targets(model: nn.Module) -> dict[str, tuple[Tensor, int, tuple[int, .
     cfg: ModelConfig = model.config
     shapes = expected_shapes(cfg)
     out: dict[str, tuple[Tensor, int]] = {
-        "tok_embeddings.weight": (model.embed.weight, 0),
         "norm.weight": (model.norm.weight, 0),
     }
+    if hasattr(model.embed, "weight"):  # a float embedding (a GGUF block one holds qweight/scales)
+        out["tok_embeddings.weight"] = (model.embed.weight, 0)
     if not cfg.tie_embeddings and isinstance(model.output, nn.Linear):
         out["output.weight"] = (model.output.weight, 0)
     for block in model.layers:

@@ -1,4 +1,5 @@
-"""GGUF checkpoints (llama.cpp): the header is parsed by `gguf_file`, tensors dequantized by `gguf_quants`.
+"""GGUF checkpoints (llama.cpp): the header is parsed by `gguf_file`, tensors dequantized by `gguf_quants`,
+or kept as their own blocks (`Checkpoint.block_tensor`, `fmstack.quant.gguf_blocks`: --quantize gguf).
 
 Architectures: `llama` (Mistral too: llama.cpp converts it as llama), `qwen2`, `qwen3`, `granite`.
 Tensors are dequantized to float32 one at a time; for llama and granite llama.cpp stores attn_q/attn_k
@@ -25,6 +26,8 @@ from fmstack.checkpoints.meta import interleaved_to_half
 from fmstack.config import ModelConfig, RopeScaling
 from fmstack.errors import CheckpointError, ConfigError
 from fmstack.models.llama import rope_inv_freq
+from fmstack.quant.blocks import BlockWeight
+from fmstack.quant.gguf_blocks import gguf_block_weight, keeps_blocks
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,34 @@ def dequantize(t: TensorInfo, file: GGUFFile) -> Tensor:
                               "which cannot be dequantized") from None
     except (ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+
+
+def _unpermute(name: str, w: Tensor, config: ModelConfig, arch: str) -> Tensor:
+    """Undo llama.cpp's interleaved RoPE row order of attn_q/attn_k (llama, granite) on rows of `w`."""
+    heads = config.n_heads if "attn_q" in name else config.n_kv_heads
+    if arch not in _NEOX_ARCHITECTURES and name.endswith(("attn_q.weight", "attn_k.weight")) \
+            and w.shape[0] % (2 * heads) == 0:
+        return interleaved_to_half(w, heads)
+    return w
+
+
+def _block_tensor(file: GGUFFile, by_canon: dict[str, TensorInfo], config: ModelConfig,
+                  arch: str) -> Callable[[str], BlockWeight | None]:
+    """`Checkpoint.block_tensor` of a GGUF file: its blocks, rows in the model's order."""
+    def block_tensor(canon: str) -> BlockWeight | None:
+        t = by_canon.get(canon)
+        if t is None:
+            raise CheckpointError(f"{file.path}: missing tensor {canon}")
+        if len(t.shape) != 2 or not keeps_blocks(t.tensor_type):
+            return None
+        try:
+            w = gguf_block_weight(file.raw(t), t.tensor_type, t.shape)
+        except ValueError as e:
+            raise CheckpointError(f"{file.path}: tensor {t.name}: {e}") from None
+        file.release(t)
+        fields = [_unpermute(t.name, x, config, arch) if x is not None else None for x in (w.qweight, w.scales, w.mins)]
+        return BlockWeight(*fields, w.bits, w.block)
+    return block_tensor
 
 
 def _f32(x: Any) -> float:
@@ -193,11 +224,9 @@ def open_gguf(path: Path) -> Checkpoint:
                 continue
             w = dequantize(t, file)
             file.release(t)
-            heads = config.n_heads if "attn_q" in t.name else config.n_kv_heads
-            interleaved = config_arch not in _NEOX_ARCHITECTURES
-            if interleaved and t.name.endswith(("attn_q.weight", "attn_k.weight")) and w.shape[0] % (2 * heads) == 0:
-                w = interleaved_to_half(w, heads)  # llama.cpp's converter interleaved the RoPE pairs
-            yield canon, w
+            yield canon, _unpermute(t.name, w, config, config_arch)  # llama.cpp interleaved the RoPE pairs
             del w
 
-    return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, tokenizer_path=path, metadata=meta)
+    by_canon = {gguf_name_to_canonical(t.name): t for t in file.tensors}
+    return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, tokenizer_path=path, metadata=meta,
+                      block_tensor=_block_tensor(file, by_canon, config, config_arch))

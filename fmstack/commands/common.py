@@ -9,6 +9,7 @@ from fmstack.errors import ParameterError
 from fmstack.generation.sampling import SamplingParams
 from fmstack.generation.speculative import MAX_SPECULATE_K
 from fmstack.loading import LoadedModel, load_model
+from fmstack.quant import ALL_MODES
 
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -48,21 +49,32 @@ def add_model_name_arg(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{model_help} (default: {DEFAULT_MODEL})")
 
 
+QUANTIZE_CHOICES = ("none", "int8", "int4") + tuple(m for m in ALL_MODES if m not in ("int8", "int4", "gptq"))
+QUANTIZE_HELP = ("none: float weights (a GGUF is dequantized); int8 (per channel) / int4 (group-wise): "
+                 "weight-only, quantized at load; gguf: a quantized GGUF's own blocks (Q8_0, Q4_0, Q4_1, Q4_K, "
+                 "Q5_K, Q6_K) kept as they are, same logits as the dequantized model; gguf-a8: gguf with int8 "
+                 "activations; w8a8 / w4a8: int8 per-channel / int4 group-32 weights in the block layout with "
+                 "int8 activations")
+
+
 def add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
-    """--quantize (one mode, or with `several` a comma list of none/int8/int4, default none) and --group-size."""
+    """--quantize (one mode, or with `several` a comma list of QUANTIZE_CHOICES, default none) and --group-size."""
     if several:
         p.add_argument("--quantize", default="none",
-                       help="comma list of weight modes, one run each: none, int8, int4 (default none)")
+                       help=f"comma list of weight modes, one run each: {', '.join(QUANTIZE_CHOICES)}. "
+                            f"{QUANTIZE_HELP} (default none)")
     else:
-        p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                       help="quantize the projections at load (weight-only; int4 is group-wise; default: off)")
+        p.add_argument("--quantize", choices=list(QUANTIZE_CHOICES), default=None,
+                       help=f"{QUANTIZE_HELP} (default: gguf for a GGUF file on CPU with --dtype fp32 (float "
+                            "tensors of the file stay float), else none)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256 (default 32)")
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model named by the common model arguments, loaded (and quantized) as they say."""
+    """The model named by the common model arguments, loaded (and quantized) as they say (no --quantize:
+    "auto", see `load_model`)."""
     return load_model(args.model, device=args.device, dtype=args.dtype,
-                      quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", 32),
+                      quantize=getattr(args, "quantize", None) or "auto", group_size=getattr(args, "group_size", 32),
                       parallel=getattr(args, "parallel", None))
 
 

@@ -1,7 +1,21 @@
-"""Weight-only quantization applied to a built model from outside: every projection of every block
-and the output head become int8 (per channel) or int4 (group-wise) modules; the embedding and
-norms stay in the run dtype. MoE experts (stacked `[E, N, K]` weights, see `fmstack.models.moe`)
-are int8 only, per expert and output channel; their router stays float. `portable` dicts (see `linear.py`) are what checkpoints store."""
+"""Quantization applied to a built model from outside: every projection of every block and the
+output head become quantized modules; norms stay in the run dtype. MoE experts (stacked `[E, N, K]`
+weights, see `fmstack.models.moe`) are int8 only, per expert and output channel; their router stays
+float. `portable` dicts (see `linear.py`) are what checkpoints store.
+
+Modes (`--quantize`):
+  int8     weight-only, per output channel, round to nearest (`linear.py`); embedding stays float.
+  int4     weight-only, group-wise (--group-size), round to nearest.
+  gptq     int4 chosen with calibration (`fmstack quantize --mode gptq`, then load its output).
+  gguf     a quantized GGUF's own blocks kept as they are (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, see
+           `gguf_blocks.py`) in `blocks.BlockLinear`, the token embedding too (`BlockEmbedding`, the
+           tied head over the same buffers): no requantization, logits equal to the dequantized float
+           model's within float32 rounding. The default for a quantized GGUF on CPU.
+  gguf-a8  gguf with int8 activations (per row and block, see `blocks.quantize_activations`).
+  w8a8     fmstack's int8 weights in the block layout (channel scale repeated per 32-block) with int8
+           activations.
+  w4a8     fmstack's int4 (group 32) weights in the block layout with int8 activations.
+The block modes (the last four) run `blocks.block_linear`; they are not saved by `fmstack quantize`."""
 
 from __future__ import annotations
 
@@ -14,32 +28,47 @@ from torch import Tensor, nn
 
 from fmstack.errors import ParameterError
 from fmstack.quant import ops
+from fmstack.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight, cat_rows, from_int4, from_int8
 from fmstack.quant.experts import Int8ExpertLinear
 from fmstack.quant.linear import (GROUP_SIZES, Int4Linear, Int8Linear, int4_params, quantize_int4_with,
                                   quantize_int8)
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "int4", "gptq")
+MODES = ("int8", "int4", "gptq")  # what fmstack checkpoints store
+GGUF_MODES = ("gguf", "gguf-a8")  # a GGUF file's own blocks
+BLOCK_MODES = GGUF_MODES + ("w8a8", "w4a8")  # modules in the block layout (`blocks.BlockLinear`)
+ALL_MODES = MODES + BLOCK_MODES
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """mode int8 | int4 (round to nearest) | gptq (int4, calibrated); group_size for the int4 modes."""
+    """mode: one of ALL_MODES (see the module docstring); group_size for the int4 modes (w4a8: 32)."""
 
     mode: str
     group_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ParameterError(f"quantization mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.mode not in ALL_MODES:
+            raise ParameterError(f"quantization mode {self.mode!r} is unknown; choose one of {', '.join(ALL_MODES)}")
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise ParameterError(f"--group-size {self.group_size} is not supported; choose one of "
                                  f"{', '.join(map(str, GROUP_SIZES))}")
+        if self.mode == "w4a8" and self.group_size != 32:
+            raise ParameterError(f"--quantize w4a8 uses groups of 32 (the block layout's); --group-size "
+                                 f"{self.group_size} is not supported with it")
 
     @property
-    def bits(self) -> int:
-        return 8 if self.mode == "int8" else 4
+    def bits(self) -> int | None:
+        """Weight bits of the round-to-nearest quantizer (None for the GGUF modes: the file's own)."""
+        if self.mode in GGUF_MODES:
+            return None
+        return 8 if self.mode in ("int8", "w8a8") else 4
+
+    @property
+    def blocks(self) -> bool:
+        """Whether the projections are `BlockLinear` modules (the block layout)."""
+        return self.mode in BLOCK_MODES
 
     @property
     def layout(self) -> tuple[int, int | None]:
@@ -47,16 +76,28 @@ class QuantSpec:
         return self.bits, self.group_size if self.bits == 4 else None
 
     def to_dict(self) -> dict:
+        if self.blocks:
+            raise ParameterError(f"--quantize {self.mode} models cannot be saved as a checkpoint; "
+                                 f"fmstack checkpoints store {', '.join(MODES)}")
         bits, group_size = self.layout
         return {"mode": self.mode, "bits": bits, "group_size": group_size}
 
 
+def _spec_of_module(m: nn.Module) -> QuantSpec | None:
+    if isinstance(m, (Int8Linear, Int8ExpertLinear)):
+        return QuantSpec("int8")
+    if isinstance(m, Int4Linear):
+        return QuantSpec("int4", m.group_size)
+    if isinstance(m, (BlockLinear, BlockEmbedding)):
+        return QuantSpec(m.scheme)
+    return None
+
+
 def spec_of(model: nn.Module) -> QuantSpec | None:
-    """The quantization the model's projections hold: None for a float model, else int8 or
+    """The quantization the model's projections hold: None for a float model, else int8,
     int4/group size (how int4 values were chosen, round to nearest or GPTQ, is not visible in the
-    modules: a checkpoint records it). Raises ParameterError for a mix of schemes."""
-    found = {QuantSpec("int8") if isinstance(m, (Int8Linear, Int8ExpertLinear)) else QuantSpec("int4", m.group_size)
-             for m in model.modules() if isinstance(m, (Int8Linear, Int8ExpertLinear, Int4Linear))}
+    modules: a checkpoint records it) or a block mode. Raises ParameterError for a mix of schemes."""
+    found = {s for s in map(_spec_of_module, model.modules()) if s is not None}
     if len(found) > 1:
         raise ParameterError(f"the model mixes quantization schemes: {sorted(s.mode for s in found)}")
     return found.pop() if found else None
@@ -75,12 +116,15 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def check_shapes(model: nn.Module, spec: QuantSpec) -> None:
     """Raise a ParameterError naming the first projection whose input width the group size does not divide."""
-    if spec.bits != 4:
+    if spec.bits is None or (spec.bits == 8 and not spec.blocks):
         return
     for name, lin in quantizable_linears(model):
         if hasattr(lin, "n_experts"):
             raise ParameterError(f"--quantize {spec.mode}: {name} holds MoE experts, which support int8 only; "
                                  "use --quantize int8")
+        if spec.blocks and lin.in_features % 32:
+            raise ParameterError(f"--quantize {spec.mode}: the input width {lin.in_features} of {name} is not "
+                                 "a multiple of 32 (the block layout's)")
         k = lin.in_features
         if k % spec.group_size:
             raise ParameterError(f"--group-size {spec.group_size} does not divide the input width {k} of {name}; "
@@ -99,6 +143,11 @@ def rtn_portable(weight: Tensor, spec: QuantSpec) -> dict[str, Tensor]:
 
 
 def module_from_portable(t: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
+    if spec.mode == "w8a8":
+        return BlockLinear(from_int8(t["qweight"], t["scales"]), int8_act=True, scheme=spec.mode)
+    if spec.mode == "w4a8":
+        return BlockLinear(from_int4(ops.unpack_uint4(t["qweight"]), t["scales"], t["zeros"]), int8_act=True,
+                           scheme=spec.mode)
     if spec.bits == 8 and t["qweight"].dim() == 3:
         return Int8ExpertLinear.from_portable(t["qweight"], t["scales"], dtype)
     if spec.bits == 8:
@@ -142,3 +191,52 @@ def load_quantized(model: nn.Module, spec: QuantSpec, tensors: Callable[[str], d
     """Install projections from saved portable tensors: `tensors(name)` -> that projection's dict
     (nothing is quantized here, so nothing is logged as quantizing)."""
     return _install(model, spec, lambda name, _w: tensors(name))
+
+
+# a projection's canonical checkpoint tensors (see `fmstack.checkpoints.base`), its rows in this order
+_PARTS = {"attn.wqkv": ("attention.wq", "attention.wk", "attention.wv"), "attn.wo": ("attention.wo",),
+          "mlp.w_gate_up": ("feed_forward.w1", "feed_forward.w3"), "mlp.w_down": ("feed_forward.w2",)}
+
+
+def _projection_blocks(name: str, block_for: Callable[[str], BlockWeight | None]) -> BlockWeight | None:
+    """The blocks of projection `name` (`layers.{i}.attn.wqkv`...): its parts' rows concatenated in a
+    layout holding each part's values exactly (`blocks.cat_rows`: a K-quant file's Q4_K q/k rows and
+    Q6_K v rows become 8-bit block 16 with fp32 scales and mins, so the fused projection stays one
+    module); None when a part is not kept as blocks (it is then loaded as float)."""
+    _, i, short = name.split(".", 2)
+    parts = [block_for(f"layers.{i}.{p}.weight") for p in _PARTS[short]]
+    if any(p is None for p in parts):
+        return None
+    return parts[0] if len(parts) == 1 else cat_rows(parts)
+
+
+@torch.no_grad()
+def install_gguf_blocks(model: nn.Module, spec: QuantSpec, block_for: Callable[[str], BlockWeight | None],
+                        device: torch.device) -> int:
+    """Put a GGUF file's own blocks into `model` (built on the meta device): `BlockLinear` for each
+    projection whose parts are kept as blocks, `BlockEmbedding` for a quantized token embedding (a tied
+    head then reads the same buffers). `block_for(canonical name)` is `Checkpoint.block_tensor`. What is
+    not replaced stays float, for the checkpoint's float stream. Returns the number of modules installed."""
+    if spec.mode not in GGUF_MODES:
+        raise ValueError(f"install_gguf_blocks: mode {spec.mode} is not one of {', '.join(GGUF_MODES)}")
+    int8_act, dtype, n = spec.mode == "gguf-a8", model.norm.weight.dtype, 0
+
+    def on_device(w: BlockWeight | None) -> BlockWeight | None:
+        if w is None:
+            return None
+        return BlockWeight(w.qweight.to(device), w.scales.to(device),
+                           None if w.mins is None else w.mins.to(device), w.bits, w.block)
+
+    emb = on_device(block_for("tok_embeddings.weight"))
+    if emb is not None:
+        model.embed, n = BlockEmbedding(emb, dtype, scheme=spec.mode), 1
+    for name, _lin in quantizable_linears(model):
+        if name == "output":
+            w = (emb if model.config.tie_embeddings else on_device(block_for("output.weight")))
+        else:
+            w = on_device(_projection_blocks(name, block_for))
+        if w is not None:
+            _set_module(model, name, BlockLinear(w, int8_act, scheme=spec.mode))
+            n += 1
+    log.info("kept %d GGUF tensors as blocks (%s)", n, spec.mode)
+    return n

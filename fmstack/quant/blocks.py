@@ -107,17 +107,24 @@ def block_linear(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
     return block_linear_reference(x, w, int8_act)
 
 
+def hold_blocks(module: nn.Module, w: BlockWeight) -> None:
+    """Give `module` the weight's buffers (qweight, scales, mins) and its bits and block."""
+    module.bits, module.block = w.bits, w.block
+    module.register_buffer("qweight", w.qweight)
+    module.register_buffer("scales", w.scales)
+    module.register_buffer("mins", w.mins)
+
+
 class BlockLinear(nn.Module):
     """A projection holding a `BlockWeight` (buffers qweight, scales, mins); `int8_act` picks the
-    integer-activation kernel. Output in x's dtype."""
+    integer-activation kernel; `scheme` names the quantization mode it came from (`fmstack.quant`
+    modes, for `spec_of`). Output in x's dtype."""
 
-    def __init__(self, w: BlockWeight, int8_act: bool = False):
+    def __init__(self, w: BlockWeight, int8_act: bool = False, scheme: str = ""):
         super().__init__()
-        self.bits, self.block, self.int8_act = w.bits, w.block, int8_act
+        self.int8_act, self.scheme = int8_act, scheme
         self.in_features, self.out_features = w.in_features, w.out_features
-        self.register_buffer("qweight", w.qweight)
-        self.register_buffer("scales", w.scales)
-        self.register_buffer("mins", w.mins)
+        hold_blocks(self, w)
 
     @property
     def weight_blocks(self) -> BlockWeight:
@@ -130,3 +137,68 @@ class BlockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"block={self.block}, int8_act={self.int8_act}")
+
+
+def with_layout(w: BlockWeight, bits: int, block: int, dtype: torch.dtype, with_mins: bool) -> BlockWeight:
+    """`w` re-expressed in another layout holding the same values: 4-bit -> 8-bit (q unchanged),
+    block 32 -> 16 (each scale and min repeated), fp16 -> fp32 scales, zero mins added. Raises
+    ValueError for a change that could lose values (8 -> 4 bits, 16 -> 32, fp32 -> fp16, dropping mins)."""
+    if (bits, w.bits) == (4, 8) or (block, w.block) == (32, 16) or (w.mins is not None and not with_mins) \
+            or (dtype == torch.float16 and w.scales.dtype != torch.float16) or block not in BLOCKS:
+        raise ValueError(f"cannot hold bits={w.bits} block={w.block} {w.scales.dtype} mins={w.mins is not None} "
+                         f"as bits={bits} block={block} {dtype} mins={with_mins} without changing values")
+    q = w.qweight if bits == w.bits else unpack_nibbles(w.qweight).view(torch.int8)
+    repeat = w.block // block
+    scales = w.scales.to(dtype).repeat_interleave(repeat, dim=1)
+    mins = w.mins if w.mins is not None or not with_mins else torch.zeros_like(w.scales)
+    mins = None if mins is None else mins.to(dtype).repeat_interleave(repeat, dim=1)
+    return BlockWeight(q, scales, mins, bits, block)
+
+
+def cat_rows(parts: list[BlockWeight]) -> BlockWeight:
+    """The row concatenation of `parts` (e.g. q, k and v into one fused projection) in the smallest
+    layout that holds every part's values exactly: 4-bit only if all are, the smallest block, fp16
+    scales only if all are, mins if any has them."""
+    bits = 4 if all(p.bits == 4 for p in parts) else 8
+    block = min(p.block for p in parts)
+    dtype = torch.float16 if all(p.scales.dtype == torch.float16 for p in parts) else torch.float32
+    with_mins = any(p.mins is not None for p in parts)
+    same = [with_layout(p, bits, block, dtype, with_mins) for p in parts]
+    mins = torch.cat([p.mins for p in same]) if with_mins else None
+    return BlockWeight(torch.cat([p.qweight for p in same]), torch.cat([p.scales for p in same]), mins, bits, block)
+
+
+def from_int8(q: Tensor, scales: Tensor, block: int = 32) -> BlockWeight:
+    """fmstack int8 (q int8 `[N, K]`, per-channel scales `[N]`) -> 8-bit blocks, the channel scale
+    repeated per block in fp32: the same values."""
+    n, k = q.shape
+    return BlockWeight(q, scales.float()[:, None].expand(n, k // block).contiguous(), None, 8, block)
+
+
+def from_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> BlockWeight:
+    """fmstack int4 with group 32 (q uint8 `[N, K]` 0..15, value (q - 8) * s + z) -> 4-bit block 32 with
+    mins z - 8 * s (fp32): the same values up to float32 rounding."""
+    s = scales.float()
+    return BlockWeight(pack_nibbles(q), s, zeros.float() - 8.0 * s, 4, 32)
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding holding its table as a `BlockWeight`; a lookup dequantizes only the gathered
+    rows (to `dtype`). A tied LM head is `BlockLinear(embedding.weight_blocks)` over the same buffers."""
+
+    def __init__(self, w: BlockWeight, dtype: torch.dtype = torch.float32, scheme: str = ""):
+        super().__init__()
+        self.dtype, self.scheme = dtype, scheme
+        self.num_embeddings, self.embedding_dim = w.out_features, w.in_features
+        hold_blocks(self, w)
+
+    weight_blocks = BlockLinear.weight_blocks
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        flat = tokens.reshape(-1)
+        mins = None if self.mins is None else self.mins[flat]
+        rows = dequantize_blocks(BlockWeight(self.qweight[flat], self.scales[flat], mins, self.bits, self.block))
+        return rows.reshape(*tokens.shape, self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, block={self.block}"
