@@ -6,10 +6,11 @@ continuation (without its last token, which predicts nothing), with RoPE positio
 after the context for every continuation. A block mask (`PackedMask`) lets a continuation see the
 context and its own earlier tokens only, so each score equals that of the plain sequence
 `context + continuation`, while the context is run once. A sliding window (Mistral) is applied on
-those RoPE positions inside the mask, so it counts tokens of the plain sequence, not of the packed row. Packed sequences are sorted by length and
-batched with right padding. Only hidden states at positions that predict a continuation token go
-through the LM head, in chunks, so no `[B, T, V]` logits tensor is ever built; the head's logits are
-scaled as the model's own forward scales them (Granite's `logits_scaling`).
+those RoPE positions inside the mask, so it counts tokens of the plain sequence, not of the packed
+row. Packed sequences are sorted by length and batched with right padding. Only hidden states at
+positions that predict a continuation token go through the LM head, in chunks, so no `[B, T, V]`
+logits tensor is ever built; the head's logits are scaled as the model's own forward scales them
+(Granite's `logits_scaling`).
 """
 
 from __future__ import annotations

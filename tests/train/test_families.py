@@ -43,7 +43,7 @@ def test_lora_lowers_loss_and_merged_checkpoint_reloads(family, tmp_path):
     frozen = {n: p.detach().clone() for n, p in base.named_parameters() if n.endswith(FROZEN[family])}
     assert frozen
     cfg = TrainConfig(steps=10, lr=5e-2, warmup=1, batch_size=2, compile=False, lora_rank=4)
-    t = Trainer(load_hf_dir(tmp_path / "hf"), synthetic(n=2, T=16), cfg)  # one batch, seen 10 times: any fall is learning
+    t = Trainer(load_hf_dir(tmp_path / "hf"), synthetic(n=2, T=16), cfg)  # one batch seen 10 times: a fall is learning
     assert {n.rsplit(".", 1)[-1] for n, p in t.model.named_parameters() if p.requires_grad} == {"lora_a", "lora_b"}
     per_layer = 2 if family in MOE_FAMILIES else 4  # MoE: wqkv and wo (the experts are stacked, not Linear)
     assert sum(isinstance(m, LoRALinear) for m in t.model.modules()) == per_layer * base.config.n_layers
