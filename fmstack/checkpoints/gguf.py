@@ -1,7 +1,7 @@
 """GGUF checkpoints (llama.cpp): the header is parsed by `gguf_file`, tensors dequantized by `gguf_quants`,
 or kept as their own blocks (`Checkpoint.block_tensor`, `fmstack.quant.gguf_blocks`: --quantize gguf).
 
-Architectures: `llama` (Mistral too: llama.cpp converts it as llama), `qwen2`, `qwen3`, `granite`.
+Architectures: `llama` (Mistral and Mixtral too: llama.cpp converts them as llama), `qwen2`, `qwen3`, `granite`.
 Tensors are dequantized to float32 one at a time; for llama and granite llama.cpp stores attn_q/attn_k
 rows in interleaved RoPE order, which is undone here (qwen2/qwen3 use NEOX RoPE: rows as HF's).
 `read_gguf_metadata` (and `Checkpoint.metadata`) give every key/value field as plain Python
@@ -40,7 +40,10 @@ _GLOBAL = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "
 _LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
           "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
           "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-          "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm"}
+          "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
+          # Mixtral (arch llama): the router, and each projection of all experts stacked `[E, ...]`
+          "ffn_gate_inp": "feed_forward.gate", "ffn_gate_exps": "feed_forward.experts.w1",
+          "ffn_up_exps": "feed_forward.experts.w3", "ffn_down_exps": "feed_forward.experts.w2"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
@@ -178,6 +181,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo], file:
         ffn_dim=int(k("feed_forward_length")),
         norm_eps=_f32(k("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(k("rope.freq_base", 10000.0)),
         max_seq_len=int(k("context_length", 2048)), tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
+        n_experts=int(k("expert_count", 0)), n_experts_per_token=int(k("expert_used_count", 0)),
         **_family_fields(arch, k),
     )
     scaling_type = k("rope.scaling.type", "none")
@@ -209,6 +213,9 @@ def open_gguf(path: Path) -> Checkpoint:
         if not can_dequantize(t.tensor_type):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
                                   "which cannot be dequantized")
+        one = canon.replace(".experts.", ".experts.0.")  # llama.cpp's stacked experts: [E, one expert's shape]
+        if one != canon and one in shapes:
+            shapes[canon] = (config.n_experts, *shapes[one])
         if canon in shapes and t.shape != shapes[canon]:
             raise CheckpointError(f"{path}: tensor {canon} ({t.name}) has shape {t.shape}, "
                                   f"expected {shapes[canon]}")
@@ -220,10 +227,16 @@ def open_gguf(path: Path) -> Checkpoint:
                 if t.name != "rope_freqs.weight":
                     log.debug("%s: skipping tensor %s", path.name, t.name)
                 continue
-            if names is not None and canon not in names:
+            stacked = ".experts.w" in canon  # one tensor for all experts: yielded as E per-expert tensors
+            parts = ([canon.replace(".experts.", f".experts.{e}.") for e in range(config.n_experts)] if stacked
+                     else [canon])
+            if names is not None and not names.intersection(parts):
                 continue
             w = dequantize(t, file)
             file.release(t)
+            if stacked:
+                yield from ((n, x) for n, x in zip(parts, w) if names is None or n in names)
+                continue
             yield canon, _unpermute(t.name, w, config, config_arch)  # llama.cpp interleaved the RoPE pairs
             del w
 

@@ -5,9 +5,12 @@ Requests with the same context are packed into one sequence: the context once, t
 continuation (without its last token, which predicts nothing), with RoPE positions restarting right
 after the context for every continuation. A block mask (`PackedMask`) lets a continuation see the
 context and its own earlier tokens only, so each score equals that of the plain sequence
-`context + continuation`, while the context is run once. Packed sequences are sorted by length and
-batched with right padding. Only hidden states at positions that predict a continuation token go
-through the LM head, in chunks, so no `[B, T, V]` logits tensor is ever built.
+`context + continuation`, while the context is run once. A sliding window (Mistral) is applied on
+those RoPE positions inside the mask, so it counts tokens of the plain sequence, not of the packed
+row. Packed sequences are sorted by length and batched with right padding. Only hidden states at
+positions that predict a continuation token go through the LM head, in chunks, so no `[B, T, V]`
+logits tensor is ever built; the head's logits are scaled as the model's own forward scales them
+(Granite's `logits_scaling`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fmstack.errors import ParameterError
-from fmstack.models.llama import sdpa
+from fmstack.models.llama import causal_window_mask, scale_logits, sdpa
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +58,21 @@ class PackedMask:
         return sdpa(q, k, v, mask=self.mask)
 
 
-def packed_mask(segments: Tensor) -> Tensor:
+def packed_mask(segments: Tensor, positions: Tensor | None = None, window: int | None = None) -> Tensor:
     """segments `[B, T]` (0 context, j >= 1 continuation j, -1 padding) -> mask `[B, 1, T, T]`.
 
     Query i sees key k <= i when k is context or in i's own segment; padding sees the context and
-    earlier padding, so no row is fully masked (an all-masked row would give NaN)."""
+    earlier padding, so no row is fully masked (an all-masked row would give NaN). With a sliding
+    `window`, a query also sees only keys whose RoPE `positions` `[B, T]` are within the window of its
+    own (a query always sees itself, so still no row is fully masked)."""
     T = segments.shape[1]
     idx = torch.arange(T, device=segments.device)
     causal = idx[:, None] >= idx[None, :]
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    return (causal & ((seg_q == seg_k) | (seg_k == 0)))[:, None]
+    mask = causal & ((seg_q == seg_k) | (seg_k == 0))
+    if window is not None:
+        mask = mask & causal_window_mask(positions[:, None, :], positions[:, :, None], window)
+    return mask[:, None]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -179,7 +187,8 @@ class Scorer:
             positions[b, at:] = torch.arange(T - at) + L  # padding: harmless positions
         single = all(len(g.members) == 1 for g in batch)  # right-padded causal rows need no mask
         dev = self.device
-        cache = None if single else PackedMask(packed_mask(segments.to(dev)))
+        window = self.model.config.sliding_window  # single rows: the model applies it itself
+        cache = None if single else PackedMask(packed_mask(segments.to(dev), positions.to(dev), window))
         h = self._hidden(tokens.to(dev), positions.to(dev), cache)  # [B, T, dim]
         sel = h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]  # [N, dim]
         tgt = torch.tensor(targets, device=dev)
@@ -188,7 +197,7 @@ class Scorer:
         V = self.model.config.vocab_size
         step = max(1, LOGIT_CHUNK_ELEMS // V)
         for s in range(0, len(targets), step):
-            logits = self.model.output(sel[s:s + step]).float()  # [n, V]
+            logits = scale_logits(self.model.output(sel[s:s + step]), self.model.config).float()  # [n, V]
             t = tgt[s:s + step, None]
             logp[s:s + step] = (logits.gather(-1, t) - logits.logsumexp(-1, keepdim=True))[:, 0]
             hit[s:s + step] = logits.argmax(-1) == t[:, 0]

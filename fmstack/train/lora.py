@@ -7,6 +7,11 @@ puts the plain `nn.Linear` back, so the model saves and loads like any other.
 
 On fmstack's fused projections (`wqkv`, `w_gate_up`) one adapter covers the fused weight: q, k and v
 share A (rank r over the concatenation) and each has its own rows of B.
+
+Family parameters outside the projections are frozen with the rest, not adapted: Qwen2's q/k/v bias
+(a parameter beside `wqkv`, added after the adapted projection), Qwen3's q/k norm weights, Granite's
+multipliers (config constants), and a Mixtral block's router and stacked experts (`ExpertLinear`,
+not `nn.Linear`: only its attention projections get adapters). `tests/train/test_families.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """GGUF files of the other families, written as llama.cpp's converter writes them (arch `qwen2`,
 `qwen3`, `granite`; Mistral as arch `llama` with its window in `llama.attention.sliding_window`),
-load to the same config and logits as the HF directory of the same random model (fp32, rtol/atol 1e-5)."""
+load to the same config and logits as the HF directory of the same random model (fp32, rtol/atol 1e-5).
+Mixtral as arch `llama` with stacked expert tensors (`ffn_*_exps`) and the `ffn_gate_inp` router: HF's logits."""
 
 from __future__ import annotations
 
@@ -88,3 +89,51 @@ def test_gguf_matches_hf_dir(family, tmp_path):
     expected = hf(tokens).logits
     torch.testing.assert_close(from_dir(tokens), expected, **TOL)
     torch.testing.assert_close(from_gguf(tokens), expected, **TOL)
+
+
+def write_mixtral_gguf(hf, path: Path, qtype=gguf.GGMLQuantizationType.F32) -> Path:
+    """Mixtral as llama.cpp's converter writes it: arch `llama`, `llama.expert_count` /
+    `expert_used_count`, the router `ffn_gate_inp` and the experts stacked per projection
+    (`ffn_gate_exps` / `ffn_up_exps` `[E, F, dim]`, `ffn_down_exps` `[E, dim, F]`), from HF's own
+    tensors (HF keeps gate and up stacked as `gate_up_proj` `[E, 2F, dim]`, gate rows first)."""
+    c, F = hf.config, hf.config.intermediate_size
+    head_dim = c.hidden_size // c.num_attention_heads
+    w = gguf_writer(c, path, "llama", head_dim)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    for name, t in hf.state_dict().items():
+        blk = f"blk.{name.split('.')[2]}." if ".layers." in name else ""
+        if name.endswith("mlp.experts.gate_up_proj"):
+            out = {f"{blk}ffn_gate_exps.weight": t[:, :F], f"{blk}ffn_up_exps.weight": t[:, F:]}
+        elif name.endswith("mlp.experts.down_proj"):
+            out = {f"{blk}ffn_down_exps.weight": t}
+        elif name.endswith("mlp.gate.weight"):
+            out = {f"{blk}ffn_gate_inp.weight": t}
+        else:
+            canon = hf_name_to_canonical(name)
+            if canon.endswith(("wq.weight", "wk.weight")):
+                t = half_to_interleaved(t, c.num_attention_heads if "wq" in canon else c.num_key_value_heads)
+            out = {gguf_tensor_name(canon): t}
+        for n, x in out.items():
+            add_gguf_tensor(w, n, x.float().contiguous().numpy(), qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype,tol", [("F32", 1e-5), ("Q8_0", 0.02)])
+@torch.no_grad()
+def test_mixtral_gguf_matches_hf(qtype, tol, tmp_path):
+    """F32: HF's logits within 1e-5, and the HF directory's config. Q8_0 (every matrix, experts included,
+    in llama.cpp's 8-bit blocks): within 0.02 of HF's fp32 logits (max |logit| 0.7; observed 7e-3)."""
+    hf = hf_family_model("mixtral")
+    model = _load(write_mixtral_gguf(hf, tmp_path / "m.gguf", getattr(gguf.GGMLQuantizationType, qtype)))
+    cfg = model.config
+    assert (cfg.n_experts, cfg.n_experts_per_token, cfg.ffn_dim) == (4, 2, hf.config.intermediate_size)
+    if qtype == "F32":
+        hf.save_pretrained(tmp_path / "hf")
+        assert model.config.replace(name="x") == _load(tmp_path / "hf").config.replace(name="x")
+    tokens = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=tol, atol=tol)

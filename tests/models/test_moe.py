@@ -95,6 +95,29 @@ def test_greedy_tokens_identical_to_hf_argmax(hf_and_ours):
     assert got[0].token_ids == ids[0, 6:].tolist()
 
 
+@pytest.mark.parametrize("draft", ["dense", "int8-self"])
+def test_speculative_decoding_with_mixtral_target(hf_and_ours, draft):
+    """Speculative decoding with the Mixtral as target gives its greedy tokens, with a random dense
+    draft (mostly rejected) and with an int8 copy of itself (mostly accepted)."""
+    from fmstack.generation.speculative import SpeculativeGenerator
+    from fmstack.models.build import build_model
+    from fmstack.quant import quantize_model
+
+    _, ours = hf_and_ours
+    if draft == "dense":
+        small = build_model(named_config("tiny-gqa").replace(vocab_size=VOCAB))
+        small.init_weights(std=0.1, generator=torch.Generator().manual_seed(8))
+    else:
+        small = Transformer(ours.config)
+        small.load_state_dict(ours.state_dict())
+        quantize_model(small, QuantSpec("int8"))
+    prompt, params = tokens_of(8, (1, 7))[0].tolist(), SamplingParams(max_new_tokens=14, ignore_eos=True)
+    target = Generator(ours, eos_ids=[], max_seq_len=64)
+    want = target.generate([prompt], params)[0].token_ids
+    spec = SpeculativeGenerator(target, Generator(small.eval(), eos_ids=[], max_seq_len=64), 3)
+    assert spec.generate(prompt, params).token_ids == want
+
+
 def test_batched_generation_equals_single(hf_and_ours):
     _, ours = hf_and_ours
     gen = Generator(ours, eos_ids=[], max_seq_len=64)
@@ -162,9 +185,26 @@ def test_int8_moe_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(back(tokens), model(tokens), rtol=0, atol=0)
 
 
+REFUSAL = "layers.0.mlp.w_gate_up holds MoE experts, which support int8 only; use --quantize int8"
+
+
 def test_int4_experts_refused_with_clear_error():
-    with pytest.raises(ParameterError, match="layers.0.mlp.w_gate_up holds MoE experts, which support int8 only"):
+    with pytest.raises(ParameterError, match=REFUSAL):
         quantize_model(load_model("random:tiny-moe").model, QuantSpec("int4", 32))
+
+
+def test_gptq_and_int4_experts_refused_by_api_and_commands(tmp_path, capsys):
+    """GPTQ (int4) on stacked experts stops before calibrating; `quantize --mode int4` and `generate
+    --quantize int4` exit 2 with the int8-only error."""
+    from fmstack.cli import main
+    from fmstack.quant.gptq import gptq_quantize
+
+    with pytest.raises(ParameterError, match="--quantize gptq: " + REFUSAL):
+        gptq_quantize(load_model("random:tiny-moe").model, tokens_of(0, (2, 16)), QuantSpec("gptq", 32))
+    assert main(["quantize", "--model", "random:tiny-moe", "--mode", "int4", "--out", str(tmp_path / "q")]) == 2
+    assert REFUSAL in capsys.readouterr().err
+    assert main(["generate", "--model", "random:tiny-moe", "--quantize", "int4", "--max-new-tokens", "2", "hi"]) == 2
+    assert REFUSAL in capsys.readouterr().err
 
 
 def test_compiled_decode_equals_eager_without_graph_breaks():

@@ -1,4 +1,5 @@
-"""Pipeline parallel on 2 gloo ranks vs the single-process model (one torchrun job for all tiny cases).
+"""Pipeline parallel on 2 gloo ranks vs the single-process model (one torchrun job for all tiny cases,
+Mixtral-style MoE included).
 
 Stages run the same kernels on the same shapes as the single process, so generation logits are
 bitwise equal in practice; asserted within 1e-5 (fp32) like tensor parallel. Scoring goes through
@@ -11,7 +12,7 @@ import pytest
 
 from tests.parallel.conftest import WORKER, generate_cli, reference_ids, run_worker, torchrun
 
-FP32 = ["mha", "gqa", "mqa", "kv3"]
+FP32 = ["mha", "gqa", "mqa", "kv3", "moe"]
 
 
 @pytest.fixture(scope="module")

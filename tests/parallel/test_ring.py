@@ -1,7 +1,7 @@
 """Context parallel (ring attention, sharded KV cache) vs the single-process model.
 
 Unit tests check the online-softmax pieces against full softmax attention. The multi-process tests
-run one torchrun job (gloo) per world size over tiny MHA and GQA checkpoints: ring-prefill logits for
+run one torchrun job (gloo) per world size over tiny MHA, GQA and Mixtral-MoE checkpoints: ring-prefill logits for
 lengths below, at and above 2N and not divisible by N; prefill + decode logits step by step through
 the sharded cache with a left-padded batch; greedy generation; scoring. Tolerance: fp32 logits
 within 1e-5 (the ring sums per-block softmax partials in another order than one fused softmax;
@@ -20,7 +20,7 @@ from fmstack.models.llama import sdpa
 from fmstack.parallel.ring import ZigZag, merge_partials, merge_stacked, partial_attention, visible
 from tests.parallel.conftest import PROMPT, WORKER, generate_cli, reference_ids, torchrun
 
-CASES = ["mha", "gqa"]
+CASES = ["mha", "gqa", "moe"]
 
 
 # -- unit tests: online softmax and layout -----------------------------------------------------
