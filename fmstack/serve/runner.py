@@ -21,6 +21,7 @@ from fmstack.generation.sampling import logit_adjustments, sample_rows
 from fmstack.generation.structured import apply_masks
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
+from fmstack.serve.speculation import verify_drafts
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ModelRunner:
             slots.extend(c.block_table[p // bs] * bs + p % bs for p in range(c.start, c.start + c.n))
             (decode if c.n == 1 else prefill).append((off, c.start, c.n, c.block_table))
             first_row.append(len(logit_rows))
-            if c.all_logits:
+            if c.all_logits or c.draft:  # speculative chunks: every position is verified
                 logit_rows.extend(range(off, off + c.n))
             elif c.sample:
                 logit_rows.append(off + c.n - 1)
@@ -103,7 +104,10 @@ class ModelRunner:
         for c, first in zip(scheduled.chunks, x.first_row):
             if c.all_logits:
                 out.prompt_logprobs[c.seq.id] = self._prompt_logprobs(c, logits[first:first + c.n])
-            if c.sample:
+            if c.draft:
+                toks = verify_drafts(logits[first:first + c.n], list(c.draft), c.seq.params.sampling, c.seq.generator)
+                out.accepted[c.seq.id], out.sampled[c.seq.id] = toks[:-1], toks[-1]
+            elif c.sample:
                 to_sample.append((c, first + c.n - 1 if c.all_logits else first))
         if to_sample:
             self._sample(to_sample, logits, out)
