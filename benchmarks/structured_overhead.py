@@ -2,16 +2,20 @@
 
 Runs the engine (no HTTP) on SmolLM2-135M-Instruct with B = 1 and 16 concurrent JSON-schema chat
 requests, timing every `apply_masks` call of the runner (filling the bitmasks + applying them) and
-every engine step; also the same requests unconstrained, for the decode tokens/s either way.
+every engine step; also the same requests unconstrained, for the decode tokens/s either way. Both
+engine steps are measured in one run: eager and compiled (`--modes`). The load average before and
+after each run is recorded: on a shared machine the times are upper bounds.
 Result JSON: benchmarks/results/structured_overhead_cpu.json.
 
-    python -m benchmarks.structured_overhead [--max-tokens 40]
+    python -m benchmarks.structured_overhead [--max-tokens 40] [--modes eager,compiled] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -59,20 +63,31 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--modes", default="eager,compiled", help="engine steps to measure: eager, compiled or both")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 on a busy shared machine, see `serve --threads`)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m-instruct")
     tok = loaded.tokenizer
-    engine = Engine(loaded.model, tok, EngineConfig(max_model_len=512, kv_cache_bytes=256 << 20, prefix_caching=False))
     runner_mod.apply_masks = _timed_masks  # the runner's one call site, timed
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}]))
     constraint = compile_constraint(tok, "json_schema", SCHEMA)
     res = {"model": "smollm2-135m-instruct", "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
-           "runs": []}
-    for batch in (1, 16):
-        for c in (None, constraint):
-            r = {"constrained": c is not None, **run(engine, prompt, batch, args.max_tokens, c)}
-            print(r, flush=True)
-            res["runs"].append(r)
+           "command": "python -m benchmarks.structured_overhead " + " ".join(sys.argv[1:]), "runs": []}
+    for mode in args.modes.split(","):
+        engine = Engine(loaded.model, tok, EngineConfig(max_model_len=512, kv_cache_bytes=256 << 20,
+                                                        prefix_caching=False, compile=mode == "compiled"))
+        run(engine, prompt, 16, 4, None)  # warm-up (compiled: the graphs of both batch sizes' steps)
+        run(engine, prompt, 1, 4, constraint)
+        for batch in (1, 16):
+            for c in (None, constraint):
+                load = os.getloadavg()
+                r = {"mode": mode, "constrained": c is not None, **run(engine, prompt, batch, args.max_tokens, c),
+                     "loadavg_start": load, "loadavg_end": os.getloadavg()}
+                print(r, flush=True)
+                res["runs"].append(r)
     path = Path(__file__).parent / "results" / "structured_overhead_cpu.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print("wrote", path)
