@@ -74,10 +74,10 @@ class _Scan:
     end: int | None = None
 
 
-def _scan_call(text: str, start: int) -> _Scan:  # noqa: C901 - one small state machine
+def _scan_call(text: str, start: int) -> _Scan:
     """Scan the JSON object starting at text[start] == "{" as far as the text goes."""
     res, depth, in_str, esc = _Scan(), 0, False, False
-    key, want_key, val = None, True, None  # the current top-level key, and where its value starts
+    key, want_key, val, str_at = None, True, None, -1  # the current top-level key, where its value starts
     for i in range(start, len(text)):
         ch = text[i]
         if in_str:

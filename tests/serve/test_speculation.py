@@ -161,3 +161,17 @@ def test_sampled_and_ineligible_requests_run_with_speculation(tiny):
     assert len(got["0"]) == 12 and all(0 <= t < 512 for t in got["0"])
     assert got["1"] == ref["0"] and got["2"] == ref["1"]  # the same as without speculation
     assert all(o.logprobs is not None and len(o.logprobs) == 1 for o in outs["2"])
+
+
+def test_serve_command_options():
+    from argparse import Namespace
+
+    from fmstack.commands.serve import speculative_config
+
+    assert speculative_config(Namespace(speculative="ngram:3", speculative_max_batch=2)) == SpeculationConfig(
+        k=3, max_batch=2)
+    assert speculative_config(Namespace(speculative=None, speculative_max_batch=None)) is None
+    with pytest.raises(ParameterError, match="needs --speculative"):
+        speculative_config(Namespace(speculative=None, speculative_max_batch=3))
+    with pytest.raises(ParameterError, match="--speculative-max-batch 0"):
+        speculative_config(Namespace(speculative="ngram", speculative_max_batch=0))
