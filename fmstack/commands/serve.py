@@ -43,6 +43,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the engine (default: torch's choice). On a busy shared machine "
                         "1 can be several times faster: OpenMP threads otherwise wait on each other at every op")
+    g.add_argument("--speculative", default=None, metavar="ngram[:K]",
+                   help="prompt-lookup speculative decoding: propose K tokens (default 4) found after the last "
+                        "n-gram earlier in the request, verified in the same step; off by default (docs/serve.md)")
+    g.add_argument("--speculative-max-batch", type=int, default=None,
+                   help="no speculation while more than this many sequences run (default: the measured threshold)")
     g.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default 1024)")
 
 
@@ -84,11 +89,23 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, kv_cache_bytes=kv_cache_bytes(args, loaded.model, max_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
         max_queue=args.max_queue, prefix_caching=not args.no_prefix_caching, compile=want_compile(args),
-        sdpa_backend=args.sdpa_backend, threads=args.threads))
+        sdpa_backend=args.sdpa_backend, threads=args.threads, speculative=speculative_config(args)))
     state = ServerState(engine, loaded.tokenizer, args.served_model_name or args.model, api_key,
                         args.max_body_kb << 10, metrics_no_auth=args.metrics_no_auth)
     app = build_app(state)
     return serve_app(app, engine, args.host, args.port, state, args.shutdown_grace)
+
+
+def speculative_config(args: argparse.Namespace):
+    """--speculative / --speculative-max-batch -> a SpeculationConfig, or None (off)."""
+    from fmstack.serve.speculation import DEFAULT_MAX_BATCH, parse_speculative
+
+    max_batch = args.speculative_max_batch if args.speculative_max_batch is not None else DEFAULT_MAX_BATCH
+    if max_batch < 1:
+        raise ParameterError(f"--speculative-max-batch {max_batch} is invalid: must be >= 1")
+    if args.speculative_max_batch is not None and args.speculative is None:
+        raise ParameterError("--speculative-max-batch needs --speculative ngram[:K]")
+    return parse_speculative(args.speculative, max_batch)
 
 
 def is_loopback(host: str) -> bool:

@@ -64,6 +64,31 @@ def check_same_tokenizer(target_tok, draft_tok, target_vocab: int, draft_vocab: 
                                  "differently): draft and target must share a tokenizer")
 
 
+def accept_proposals(proposals: list[int], p: Tensor, q: list[Tensor] | None, gen: torch.Generator | None,
+                     pick: Callable[[Tensor], int]) -> list[int]:
+    """Speculative sampling's accept/reject over a draft's proposals (the one implementation: the
+    standalone path here and the serving engine's both use it). Proposal d_i (draft distribution
+    q_i; q None: every proposal was certain, q_i one-hot on d_i, as a prompt-lookup draft is) is kept
+    with probability min(1, p_i[d_i] / q_i[d_i]); the first rejected one is replaced by a draw from
+    the residual max(p_i - q_i, 0) and the round ends; if all k are kept, a bonus token is drawn from
+    p_k. `p` `[k + 1, V]`: the target's sampling distributions. The committed tokens are distributed
+    as the target's."""
+    new_tokens = []
+    for i, d in enumerate(proposals):
+        qi = q[i] if q is not None else torch.nn.functional.one_hot(torch.tensor(d, device=p.device),
+                                                                    p.shape[-1]).to(p.dtype)
+        ratio = (p[i, d] / qi[d]).item() if qi[d] > 0 else 0.0
+        if torch.rand((), generator=gen, device=p.device).item() < ratio:
+            new_tokens.append(d)
+            continue
+        residual = (p[i] - qi).clamp_min(0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+        new_tokens.append(pick(residual))
+        return new_tokens
+    new_tokens.append(pick(p[len(proposals)]))  # all k accepted: bonus token from the target
+    return new_tokens
+
+
 class SpeculativeGenerator:
     def __init__(self, target: Generator, draft: Generator, k: int):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATE_K:
@@ -136,7 +161,7 @@ class SpeculativeGenerator:
             p = probs(tgt.logits(verify, pos(last_pos, k + 1), ct)[0])
             res.rounds += 1
             res.proposed += k
-            new_tokens = self._verify(proposals, p, q, gen, pick)
+            new_tokens = accept_proposals(proposals, p, q, gen, pick)
             accepted = len(new_tokens) - 1
             res.accepted += accepted
             # Target cache now holds `last` and the accepted proposals; the draft also lacks d_k when all were accepted.
@@ -145,26 +170,6 @@ class SpeculativeGenerator:
         res.prefill_s, res.decode_s = t_first - t0, time.perf_counter() - t_first
         res.finish_reason, res.stop_reason, res.text = stops.finish_reason, stops.stop_reason, stops.text
         return res
-
-    @staticmethod
-    def _verify(proposals: list[int], p: Tensor, q: list[Tensor], gen: torch.Generator | None,
-                pick: Callable[[Tensor], int]) -> list[int]:
-        """Speculative sampling's accept/reject over the draft's proposals: proposal d_i (draft
-        distribution q_i) is kept with probability min(1, p_i[d_i] / q_i[d_i]); the first rejected one is
-        replaced by a draw from the residual max(p_i - q_i, 0) and the round ends; if all k are kept,
-        a bonus token is drawn from p_k. The committed tokens are distributed as the target's."""
-        new_tokens = []
-        for i, d in enumerate(proposals):
-            ratio = (p[i, d] / q[i][d]).item() if q[i][d] > 0 else 0.0
-            if torch.rand((), generator=gen, device=p.device).item() < ratio:
-                new_tokens.append(d)
-                continue
-            residual = (p[i] - q[i]).clamp_min(0)
-            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-            new_tokens.append(pick(residual))
-            return new_tokens
-        new_tokens.append(pick(p[len(proposals)]))  # all k accepted: bonus token from the target
-        return new_tokens
 
     @staticmethod
     def _emit(new_tokens: list[int], res: SpeculativeResult, stops: StopChecker,

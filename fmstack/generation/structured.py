@@ -11,7 +11,10 @@ llguidance computes masks lazily per state instead of precomputing them per gram
 cost is the tokenizer set-up (0.6 s, once per server, cached here per tokenizer).
 
 Rows without a constraint pay nothing: the runner only builds a mask for the rows whose sequence
-has a matcher (`apply_masks`). The matcher advances with each accepted token (engine) and the
+has a matcher (`apply_masks`). The serving runner fills the masks (`fill_masks`) on a thread while
+the model step runs, since they depend only on the tokens accepted before the step: filled after
+the step, they took 6.6% of decode time at batch 16 (`python -m benchmarks.structured_overhead`,
+benchmarks/results/structured_overhead_cpu.json), over the 5% budget. The matcher advances with each accepted token (engine) and the
 sequence finishes when the grammar is complete (`Matcher.done`).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,18 +130,39 @@ class Matcher:
         return self.m.is_stopped()
 
 
-def apply_masks(rows: Tensor, matchers: list[Matcher | None]) -> None:
-    """Mask in place the logits `rows [B, V]` of the rows whose matcher is not None (disallowed tokens
-    to -inf); rows without one are left alone and cost nothing."""
+@dataclass
+class FilledMasks:
+    """The allowed-token bitmasks `[len(rows), ceil(width / 32)]` (int32) of the constrained `rows`."""
+
+    rows: list[int]
+    mask: Tensor
+    width: int
+
+
+def fill_masks(matchers: list[Matcher | None]) -> FilledMasks | None:
+    """The bitmasks of the rows whose matcher is not None (None when there is none). llguidance
+    computes them with the GIL released, so this can run on a thread while the model step runs
+    (the serving runner does)."""
     idx = [i for i, m in enumerate(matchers) if m is not None]
     if not idx:
-        return
-    width = min(matchers[idx[0]].vocab, rows.shape[1])
+        return None
+    width = matchers[idx[0]].vocab
     mask = llt.allocate_token_bitmask(len(idx), width)
     for j, i in enumerate(idx):
         llt.fill_next_token_bitmask(matchers[i].m, mask, j)
+    return FilledMasks(idx, mask, width)
+
+
+def apply_masks(rows: Tensor, matchers: list[Matcher | None], filled: Future | None = None) -> None:
+    """Mask in place the logits `rows [B, V]` of the rows whose matcher is not None (disallowed tokens
+    to -inf); rows without one are left alone and cost nothing. `filled`: a future of
+    `fill_masks(matchers)` started before the logits were computed (None: filled here)."""
+    masks = filled.result() if filled is not None else fill_masks(matchers)
+    if masks is None:
+        return
+    idx, width = masks.rows, min(masks.width, rows.shape[1])
     sub = rows[idx, :width].contiguous()
-    llt.apply_token_bitmask_inplace(sub, mask.to(sub.device))
+    llt.apply_token_bitmask_inplace(sub, masks.mask[:, :-(-width // 32)].to(sub.device))
     rows[idx, :width] = sub
     if width < rows.shape[1]:  # ids past the tokenizer's vocabulary decode to nothing: never allowed
         rows[idx, width:] = float("-inf")

@@ -38,6 +38,7 @@ from fmstack.serve.request import (MAX_LOGPROBS, RequestParams, RunnerOutput, Sc
                                    TokenLogprob)
 from fmstack.serve.runner import ModelRunner
 from fmstack.serve.scheduler import Scheduler
+from fmstack.serve.speculation import NgramProposer, SpeculationConfig
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "MAX_LOGPROBS", "PromptTooLong", "QueueFull", "RequestOutput",
            "RequestParams", "TokenLogprob", "is_fatal"]
@@ -89,6 +90,7 @@ class EngineConfig:
     compile: bool = False
     sdpa_backend: str = "auto"
     threads: int | None = None  # torch CPU threads of the engine thread (None: torch's default)
+    speculative: SpeculationConfig | None = None  # prompt-lookup speculation (None: off), see speculation.py
 
     def check(self) -> None:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -152,6 +154,7 @@ class Engine:
         self.cache = PagedKVCache(mcfg, num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device, masked=True), config.compile)
+        self.speculator = NgramProposer(config.speculative) if config.speculative is not None else None
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.vocab_size = mcfg.vocab_size
         self.seqs: dict[str, Sequence] = {}
@@ -292,6 +295,8 @@ class Engine:
         """One scheduling round + forward + sampling + outputs. Returns the number of tokens run.
         Raises only errors `is_fatal` calls fatal; others end the requests responsible."""
         with self.lock:
+            if self.speculator is not None:
+                self.speculator.propose(self.scheduler.running)
             scheduled = self.scheduler.schedule()
             if not scheduled.chunks:
                 return 0
@@ -331,6 +336,9 @@ class Engine:
                 for j, entry in enumerate(output.prompt_logprobs[seq.id]):
                     if entry is not None and len(seq.prompt_lps) == c.start + j + 1:  # not seen before a preemption
                         seq.prompt_lps.append(entry)
+        if self.speculator is not None:
+            self.speculator.record((len(c.draft), len(output.accepted.get(c.seq.id, ()))) for c in scheduled.chunks
+                                   if c.draft and c.seq.id in output.sampled)
         grew = self.scheduler.update_from_output(scheduled, output)
         for c in scheduled.chunks:
             if c.seq.id in self._held and c.seq.num_computed >= c.seq.prompt_len:
@@ -342,21 +350,30 @@ class Engine:
                 self._emit(seq, [], "", None)
         for seq in grew:
             try:
-                self._accept(seq, seq.tokens[-1], output.logprobs.get(seq.id))
+                self._accept(seq, output.accepted.get(seq.id, []) + [seq.tokens[-1]], output.logprobs.get(seq.id))
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
                 log.exception("output of request %s failed", seq.id)
                 self._fail(seq, f"{type(e).__name__}: {e}")
 
-    def _accept(self, seq: Sequence, tok: int, logprob: TokenLogprob | None) -> None:
-        self.n_generated += 1
-        text = seq.stops.add(tok)
-        if seq.matcher is not None and not seq.stops.finished:
-            seq.matcher.accept(tok)
-            if seq.matcher.done:  # the grammar is complete: nothing but EOS could follow
-                text += seq.stops.end()
+    def _accept(self, seq: Sequence, toks: list[int], logprob: TokenLogprob | None) -> None:
+        """The step's new tokens of `seq` (several after accepted speculative proposals), in order,
+        through its stops and grammar; tokens after the one that finishes it are dropped."""
+        text, taken = "", []
+        for tok in toks:
+            self.n_generated += 1
+            taken.append(tok)
+            text += seq.stops.add(tok)
+            if seq.matcher is not None and not seq.stops.finished:
+                seq.matcher.accept(tok)
+                if seq.matcher.done:  # the grammar is complete: nothing but EOS could follow
+                    text += seq.stops.end()
+            if seq.stops.finished:
+                break
+        if len(taken) < len(toks):
+            del seq.tokens[len(taken) - len(toks):]
         if seq.stops.finished:
             self._finish(seq, seq.stops.finish_reason)
-        self._emit(seq, [tok], text, None if logprob is None else [logprob])
+        self._emit(seq, taken, text, None if logprob is None else [logprob])
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished, take it off the queues and free its blocks."""

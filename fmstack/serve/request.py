@@ -47,12 +47,14 @@ class TokenLogprob:
 class Sequence:
     """A request inside the engine. Scheduler fields: `tokens` (prompt + generated), `num_computed`
     (tokens whose K/V are in the cache), `blocks` (block table), `n_hashed`/`parent_hash` (leading
-    blocks registered in the prefix cache). Engine fields: `stops`, `callback`, `prompt_lps`, `matcher`
-    (the grammar state of a constrained request: the runner masks with it, the engine advances it)."""
+    blocks registered in the prefix cache), `draft` (speculative proposals for the next step, set by
+    `speculation.NgramProposer`; empty: none). Engine fields: `stops`, `callback`, `prompt_lps`,
+    `matcher` (the grammar state of a constrained request: the runner masks with it, the engine
+    advances it)."""
 
     __slots__ = ("id", "arrival", "prompt_len", "tokens", "params", "callback", "num_computed", "blocks",
                  "n_hashed", "parent_hash", "stops", "prompt_lps", "prompt_sent", "generator", "finished",
-                 "finish_reason", "preemptions", "matcher")
+                 "finish_reason", "preemptions", "matcher", "draft")
 
     def __init__(self, rid: str, prompt: list[int], params: RequestParams, arrival: int = 0, *,
                  stops: StopChecker | None = None, callback: Callable | None = None,
@@ -75,6 +77,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.preemptions = 0
         self.matcher = params.constraint.matcher() if params.constraint is not None else None  # grammar state
+        self.draft: list[int] = []
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +105,7 @@ class ScheduledChunk:
     block_table: tuple[int, ...]
     all_logits: bool
     sample: bool
+    draft: tuple[int, ...] = ()  # speculative proposals: the tail of token_ids, verified at every position
 
     @property
     def n(self) -> int:
@@ -125,13 +129,15 @@ class RunnerOutput:
     """What one step computed, per request id, as host values only (ints, floats, lists): nothing
     here aliases a compiled step's output buffer, which the next replay (CUDA graphs) overwrites.
     `prompt_logprobs[rid][j]` scores prompt token `start + j + 1` (None past the prompt); `failed`
-    holds the requests whose step raised (the error text), filled by the engine's fault isolation."""
+    holds the requests whose step raised (the error text), filled by the engine's fault isolation.
+    `accepted[rid]`: a speculative chunk's accepted proposals, which come before `sampled[rid]`."""
 
     sampled: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: "RunnerOutput") -> None:
-        for name in ("sampled", "logprobs", "prompt_logprobs", "failed"):
+        for name in ("sampled", "accepted", "logprobs", "prompt_logprobs", "failed"):
             getattr(self, name).update(getattr(other, name))

@@ -10,6 +10,7 @@ per-request state; seeded requests bring their own `torch.Generator` on the sequ
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,10 @@ from torch.nn.attention import sdpa_kernel
 
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.generation.sampling import logit_adjustments, sample_rows
-from fmstack.generation.structured import apply_masks
+from fmstack.generation.structured import apply_masks, fill_masks
 from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
+from fmstack.serve.speculation import verify_drafts
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = next(model.parameters()).device
         self.compiled = compile
+        self._mask_pool: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
         self._forward = torch.compile(self._forward_impl, fullgraph=True) if compile else self._forward_impl
 
     def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
@@ -65,7 +68,7 @@ class ModelRunner:
             slots.extend(c.block_table[p // bs] * bs + p % bs for p in range(c.start, c.start + c.n))
             (decode if c.n == 1 else prefill).append((off, c.start, c.n, c.block_table))
             first_row.append(len(logit_rows))
-            if c.all_logits:
+            if c.all_logits or c.draft:  # speculative chunks: every position is verified
                 logit_rows.extend(range(off, off + c.n))
             elif c.sample:
                 logit_rows.append(off + c.n - 1)
@@ -98,16 +101,30 @@ class ModelRunner:
         """Run the step; every value in the result is on the host."""
         x = self.inputs(scheduled.chunks)
         out = RunnerOutput()
+        masks = self._start_masks(scheduled.chunks)
         logits = self._logits(x)  # [0, V] when only mid-prompt chunks ran: their K/V is all they leave
         to_sample = []
         for c, first in zip(scheduled.chunks, x.first_row):
             if c.all_logits:
                 out.prompt_logprobs[c.seq.id] = self._prompt_logprobs(c, logits[first:first + c.n])
-            if c.sample:
+            if c.draft:
+                toks = verify_drafts(logits[first:first + c.n], list(c.draft), c.seq.params.sampling, c.seq.generator)
+                out.accepted[c.seq.id], out.sampled[c.seq.id] = toks[:-1], toks[-1]
+            elif c.sample:
                 to_sample.append((c, first + c.n - 1 if c.all_logits else first))
         if to_sample:
-            self._sample(to_sample, logits, out)
+            self._sample(to_sample, logits, out, masks)
         return out
+
+    def _start_masks(self, chunks: list[ScheduledChunk]) -> Future | None:
+        """Grammar masks of the rows to sample, filled on a thread while the forward runs (they depend
+        only on the tokens accepted before this step; see `structured`). Rows in `_sample`'s order."""
+        matchers = [c.seq.matcher for c in chunks if c.sample and not c.draft]
+        if all(m is None for m in matchers):
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="fmstack-masks")
+        return self._mask_pool.submit(fill_masks, matchers)
 
     def _prompt_logprobs(self, c: ScheduledChunk, rows: Tensor) -> list[TokenLogprob | None]:
         """rows `[n, V]`: logits at positions start..start+n-1; position p predicts prompt token p+1."""
@@ -125,11 +142,12 @@ class ModelRunner:
             entries[j] = TokenLogprob(targets[r], chosen[r], top)
         return entries
 
-    def _sample(self, to_sample: list[tuple[ScheduledChunk, int]], logits: Tensor, out: RunnerOutput) -> None:
+    def _sample(self, to_sample: list[tuple[ScheduledChunk, int]], logits: Tensor, out: RunnerOutput,
+                masks: Future | None = None) -> None:
         rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]  # [B, V]
         seqs = [c.seq for c, _ in to_sample]
         params = [s.params.sampling for s in seqs]
-        apply_masks(rows, [s.matcher for s in seqs])  # constrained rows only: disallowed tokens to -inf
+        apply_masks(rows, [s.matcher for s in seqs], masks)  # constrained rows only: disallowed tokens to -inf
         adjustments = logit_adjustments(params, [s.tokens for s in seqs], [s.prompt_len for s in seqs],
                                         [s.stops.stop_ids if s.stops is not None else () for s in seqs],
                                         rows.shape[-1], rows.device)

@@ -9,7 +9,10 @@
    prompts are split into chunks to fit the budget, and full blocks found in the prefix cache are
    reused instead of recomputed.
 `update_from_output()` closes the loop after the runner: it advances each sequence, registers its
-newly completed blocks in the prefix cache and appends the sampled tokens. Prefix matching and
+newly completed blocks in the prefix cache and appends the sampled tokens. A running sequence with
+speculative proposals (`seq.draft`, see `speculation`) runs them with its decode token when the
+budget and blocks allow (else it decodes one token); the proposals the runner rejected are rolled
+back here: `num_computed` stops at the accepted ones and blocks holding only rejected K/V are freed. Prefix matching and
 registration both key blocks through `paged_cache.block_key` (`chain_hashes` chains it), so a
 registered block is found again.
 
@@ -146,8 +149,11 @@ class Scheduler:
                     i += 1
                     continue
                 n = min(remaining, budget)
+                draft = seq.draft[:budget - n] if decode_pass else []
+                if draft and not self._reserve(seq, seq.num_computed + n + len(draft)):
+                    draft = []  # no blocks for the proposals: decode the one token
                 if self._reserve(seq, seq.num_computed + n):
-                    out.chunks.append(self._chunk(seq, n))
+                    out.chunks.append(self._chunk(seq, n, draft))
                     chosen.add(id(seq))
                     budget -= n
                     i += 1
@@ -159,11 +165,11 @@ class Scheduler:
         return budget
 
     @staticmethod
-    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
+    def _chunk(seq: Sequence, n: int, draft: list[int] = ()) -> ScheduledChunk:
         p0 = seq.num_computed
         last = p0 + n == seq.num_tokens
-        return ScheduledChunk(seq, p0, tuple(seq.tokens[p0:p0 + n]), tuple(seq.blocks), seq.wants_prompt_logprobs,
-                              last and seq.params.sampling.max_new_tokens > 0)
+        return ScheduledChunk(seq, p0, tuple(seq.tokens[p0:p0 + n]) + tuple(draft), tuple(seq.blocks),
+                              seq.wants_prompt_logprobs, last and seq.params.sampling.max_new_tokens > 0, tuple(draft))
 
     def update_from_output(self, scheduled: SchedulerOutput, output: RunnerOutput) -> list[Sequence]:
         """Advance every scheduled sequence that is still live past its chunk, register its full
@@ -173,10 +179,23 @@ class Scheduler:
             seq = c.seq
             if seq.finished or c.seq.id in output.failed:  # aborted or failed while the step ran
                 continue
-            seq.num_computed = c.start + c.n
+            accepted = output.accepted.get(seq.id, [])  # speculative proposals kept: computed, now tokens
+            seq.tokens.extend(accepted)
+            seq.num_computed = c.start + c.n - len(c.draft) + len(accepted)
             self._register_full_blocks(seq)
             tok = output.sampled.get(seq.id)
             if tok is not None:
                 seq.tokens.append(tok)
                 grew.append(seq)
+            if c.draft:
+                self._drop_rejected(seq)
         return grew
+
+    def _drop_rejected(self, seq: Sequence) -> None:
+        """Release the blocks past seq's tokens: they hold only rejected proposals' K/V (never
+        registered: past `num_computed`). Rejected K/V in a kept block lies past the sequence's length:
+        the position mask hides it until the next step writes those slots again."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.blocks) > keep:
+            self.allocator.release_all(seq.blocks[keep:])
+            del seq.blocks[keep:]

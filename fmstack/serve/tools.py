@@ -59,43 +59,137 @@ def _json_object(text: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _call(name: Any, args: Any) -> dict | None:
-    if not isinstance(name, str) or not name:
-        return None
-    if isinstance(args, str):  # some models write the arguments as a JSON string
-        args = _json_object(args)
-    if not isinstance(args, dict):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+_ARG_KEYS = ("arguments", "parameters")  # Hermes/OpenAI write "arguments", Llama 3.x "parameters"
 
 
-def _from_json(text: str) -> dict | None:
-    obj = _json_object(text)
-    if obj is None:
+@dataclass
+class _Scan:
+    """What a (possibly unfinished) call object `{"name": ..., "arguments": {...}}` holds so far:
+    the name once its string is complete, where the arguments value starts and (once complete)
+    ends, and where the object ends."""
+
+    name: str | None = None
+    args_start: int | None = None
+    args_end: int | None = None
+    end: int | None = None
+
+
+def _scan_call(text: str, start: int) -> _Scan:
+    """Scan the JSON object starting at text[start] == "{" as far as the text goes."""
+    res, depth, in_str, esc = _Scan(), 0, False, False
+    key, want_key, val, str_at = None, True, None, -1  # the current top-level key, where its value starts
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_str:
+            if esc or ch == "\\":
+                esc = not esc
+            elif ch == '"':
+                in_str = False
+                if depth == 1 and want_key:
+                    key, want_key = _loads(text[str_at:i + 1]), False
+                elif depth == 1 and val == str_at:
+                    _value(res, key, text, val, i + 1)
+                    val = None
+            continue
+        if depth == 1 and not want_key and val is None and ch not in " \t\r\n:,}]":
+            val = i
+            if key in _ARG_KEYS:
+                res.args_start = i
+        if ch == '"':
+            in_str, str_at = True, i
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]" or (ch == "," and depth == 1):
+            if depth == 1 and val is not None:  # a scalar value ends here
+                _value(res, key, text, val, i)
+                val = None
+            depth -= ch != ","
+            if depth == 1 and val is not None and text[val] in "{[":
+                _value(res, key, text, val, i + 1)
+                val = None
+            want_key = want_key or (ch == "," and depth == 1)
+            if depth == 0:
+                res.end = i + 1
+                return res
+    return res
+
+
+def _loads(literal: str):
+    try:
+        return json.loads(literal)
+    except ValueError:
         return None
-    return _call(obj.get("name"), obj.get("arguments", obj.get("parameters")))
+
+
+def _value(res: _Scan, key, text: str, start: int, end: int) -> None:
+    """A complete top-level value text[start:end] of `key`."""
+    if key == "name":
+        res.name = _loads(text[start:end].strip())
+    elif key in _ARG_KEYS:
+        res.args_start, res.args_end = start, len(text[:end].rstrip())
+
+
+def _call_spans(text: str, parser: str) -> list[tuple[int, int]]:
+    """(start, limit) of each call object as far as the text shows: it starts at text[start] == "{"
+    and lies before `limit` (a Hermes call ends at its closing tag); start -1 for a call that does
+    not start with "{" (malformed)."""
+    if parser == "hermes":
+        at, spans = text.find(HERMES_OPEN), []
+        while at != -1:
+            body = at + len(HERMES_OPEN)
+            j = body + len(text[body:]) - len(text[body:].lstrip())
+            close = text.find(HERMES_CLOSE, body)
+            if j < len(text):
+                spans.append((j if text[j] == "{" else -1, close if close != -1 else len(text)))
+            at = text.find(HERMES_OPEN, body)
+        return spans
+    stripped = text.lstrip()
+    j = len(text) - len(stripped)
+    if parser == "llama3_json" and stripped.startswith(PYTHON_TAG):
+        after = stripped[len(PYTHON_TAG):]
+        j += len(PYTHON_TAG) + len(after) - len(after.lstrip())
+    spans = []
+    while j < len(text):
+        if text[j] != "{":
+            return spans + [(-1, len(text))]
+        spans.append((j, len(text)))
+        end = _scan_call(text, j).end
+        rest = text[end:].lstrip() if end is not None else ""
+        if end is None or not rest or parser == "forced":
+            return spans + ([(-1, len(text))] if rest else [])
+        if not rest.startswith(";"):
+            return spans + [(-1, len(text))]
+        j = len(text) - len(rest[1:].lstrip())
+    return spans
+
+
+def _scans(text: str, parser: str) -> list[_Scan]:
+    return [_scan_call(text[:limit], start) if start >= 0 else _Scan() for start, limit in _call_spans(text, parser)]
+
+
+def _arguments(text: str, scan: _Scan) -> str | None:
+    """The call's arguments as OpenAI sends them (JSON object text), or None when not (yet) one.
+    An object is sent as the model wrote it; one written as a JSON string is decoded."""
+    if scan.args_start is None or scan.args_end is None:
+        return None
+    raw = text[scan.args_start:scan.args_end]
+    value = _loads(raw)
+    if isinstance(value, str):
+        raw, value = value, _json_object(value)
+    return raw if isinstance(value, dict) else None
+
+
+def _new_call(name: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": ""}}
 
 
 def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict]]:
-    """The model's text -> (content, OpenAI tool_calls). Text that is no well-formed call stays content."""
-    if parser == "forced":
-        call = _from_json(text.strip())
-        return (None, [call]) if call else (text, [])
-    if parser == "llama3_json":
-        body = text.strip().removeprefix(PYTHON_TAG).strip()
-        if not body.startswith("{"):
-            return text, []
-        calls = [_from_json(part) for part in body.split(";")]
-        return (None, calls) if calls and all(calls) else (text, [])
-    at = text.find(HERMES_OPEN)
-    if at == -1:
-        return text, []
-    calls = [c for c in (_from_json(m.group(1)) for m in _HERMES_RE.finditer(text, at)) if c]
-    if not calls:
-        return text, []
-    content = text[:at].strip()
-    return content or None, calls
+    """The model's whole text -> (content, OpenAI tool_calls). Text that is not made of well-formed
+    calls stays content, all of it."""
+    out = ToolOutput(parser)
+    out.update(text)
+    content, calls, _ = out.finish(text)
+    return content, calls
 
 
 def _held_tail(text: str, marker: str) -> int:
@@ -108,12 +202,14 @@ def _held_tail(text: str, marker: str) -> int:
 
 @dataclass
 class ToolOutput:
-    """Per-choice tool state: what to stream as content now, and the calls at the end.
-    parser: hermes | llama3_json | forced (the whole output is one call)."""
+    """Per-choice tool state while the text grows: the content to stream now, and the calls streamed
+    as OpenAI deltas (first `id`/`type`/`function.name`, then `function.arguments` fragments as the
+    model writes them). parser: hermes | llama3_json | forced (the whole output is one call)."""
 
     parser: str
     sent: int = 0  # characters of content already streamed
-    calls: list[dict] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)  # one per call whose name is known
+    args_sent: list[int] = field(default_factory=list)  # characters of each call's arguments streamed
 
     def visible(self, text: str) -> str:
         """New content to stream for the text so far: nothing that is or may become a call."""
@@ -127,11 +223,50 @@ class ToolOutput:
         delta, self.sent = text[self.sent:end], end
         return delta
 
+    def update(self, text: str) -> tuple[str, list[dict]]:
+        """(new content, new tool_call deltas) for the text so far."""
+        content, deltas = self.visible(text), []
+        for i, scan in enumerate(_scans(text, self.parser)):
+            if i == len(self.calls):
+                if not isinstance(scan.name, str) or not scan.name:
+                    break  # calls are announced in order, once their name is known
+                self.calls.append(_new_call(scan.name))
+                self.args_sent.append(0)
+                deltas.append({"index": i, **_new_call(scan.name), "id": self.calls[i]["id"]})  # a copy
+            fragment = self._fragment(text, scan, i)
+            if fragment:
+                self.calls[i]["function"]["arguments"] += fragment
+                deltas.append({"index": i, "function": {"arguments": fragment}})
+        return content, deltas
+
+    def _fragment(self, text: str, scan: _Scan, i: int) -> str:
+        """What to send now of call i's arguments: an object's text as it grows; one written as a
+        JSON string once it is complete (decoded)."""
+        if scan.args_start is None or (text[scan.args_start] not in "{[" and scan.args_end is None):
+            return ""
+        if text[scan.args_start] in "{[":
+            whole = text[scan.args_start:scan.args_end if scan.args_end is not None else len(text)]
+        else:
+            whole = _arguments(text, scan) or ""
+        fragment = whole[self.args_sent[i]:]
+        self.args_sent[i] = len(whole)
+        return fragment
+
     def finish(self, text: str) -> tuple[str | None, list[dict], str]:
-        """(content, tool_calls, unsent content) of the whole text."""
-        content, self.calls = parse_tool_calls(text, self.parser)
-        rest = "" if self.calls else text[self.sent:]
-        return content, self.calls, rest
+        """(content, tool_calls, unsent content) of the whole text. The calls stand only when every
+        one is a complete object with a name and object arguments, and nothing but whitespace or `;`
+        (Llama) follows; otherwise none do and the whole text is content."""
+        scans = _scans(text, self.parser)
+        ok = bool(scans) and len(scans) == len(self.calls) and all(
+            sc.end is not None and sc.name == c["function"]["name"] and _arguments(text, sc) is not None
+            and _arguments(text, sc) == c["function"]["arguments"] for sc, c in zip(scans, self.calls))
+        if self.parser == "hermes" and ok:
+            content = text[:text.find(HERMES_OPEN)].strip()
+            return content or None, self.calls, ""
+        if ok:
+            return None, self.calls, ""
+        self.calls = []
+        return text, [], text[self.sent:]
 
 
 def check_tools(v: Any) -> list[dict]:

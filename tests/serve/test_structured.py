@@ -192,21 +192,33 @@ def test_completions_constraints(agent_server):
         assert text.startswith("{")
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_forced_tool_call(agent_server, stream):
+def test_forced_tool_call_streamed_and_not(agent_server):
+    """The streamed deltas (id/type/name first, then argument fragments) assemble to the very call of
+    the non-streamed answer (greedy: the same text)."""
     c = agent_server.client()
     kw = dict(model="smol", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
               tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-              max_tokens=60)
-    if stream:
-        calls = [tc for ch in c.chat.completions.create(stream=True, **kw) if ch.choices
-                 for tc in (ch.choices[0].delta.tool_calls or [])]
-    else:
-        r = c.chat.completions.create(**kw)
-        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
-        calls = r.choices[0].message.tool_calls
+              max_tokens=60, temperature=0)
+    r = c.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    calls = r.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    streamed, finish, fragments = {}, None, 0
+    for ch in c.chat.completions.create(stream=True, **kw):
+        if not ch.choices:
+            continue
+        finish = ch.choices[0].finish_reason or finish
+        for tc in ch.choices[0].delta.tool_calls or []:
+            call = streamed.setdefault(tc.index, {"name": None, "arguments": ""})
+            if tc.id:
+                assert tc.id.startswith("call_") and call["name"] is None
+                call["name"] = tc.function.name
+            else:
+                fragments += 1
+            call["arguments"] += tc.function.arguments or ""
+    assert finish == "tool_calls" and fragments > 1
+    assert streamed == {0: {"name": "get_weather", "arguments": calls[0].function.arguments}}
 
 
 def test_required_tool_call_and_tool_result_round_trip(agent_server):

@@ -131,7 +131,11 @@ class CompletionChoice:
 class ChatChoice:
     """The /v1/chat/completions choice: `add()` returns the streamed choice deltas of an output,
     `choice()` the whole message. With `tools`, content that is (or may become) a tool call is held
-    back, and the parsed calls come as one `tool_calls` delta at the end (finish_reason "tool_calls")."""
+    back, and each call streams as OpenAI does: a `tool_calls` delta with its id, type and name once
+    the name is written, then `function.arguments` fragments as they are generated. At the end the
+    calls stand (finish_reason "tool_calls") only if they all parse; if not, the whole text is the
+    content (its unsent part comes as a content delta) and finish_reason stays "stop" or "length":
+    a client runs calls only on "tool_calls"."""
 
     def __init__(self, tt: TokenText, logprobs: bool, top_logprobs: int, index: int = 0,
                  tools: ToolOutput | None = None):
@@ -151,10 +155,12 @@ class ChatChoice:
                    for e in (out.logprobs or [])] if self.want_lp else []
         self.text += out.text
         self.lp_content += content
-        text = out.text if self.tools is None else self.tools.visible(self.text)
+        text, calls = (out.text, []) if self.tools is None else self.tools.update(self.text)
         if text or content:
             deltas.append({"index": self.index, "delta": {"content": text},
                            "logprobs": {"content": content} if self.want_lp else None, "finish_reason": None})
+        deltas += [{"index": self.index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+                   for call in calls]
         if out.finished:
             self.finish_reason, self.completion_tokens = out.finish_reason, out.completion_tokens
             self.content = self.text
@@ -164,12 +170,11 @@ class ChatChoice:
         return deltas
 
     def _finish_tools(self) -> list[dict]:
-        """Parse the calls; the deltas of what was held back (the calls, or text that was none)."""
+        """Check the streamed calls; the content delta of what was held back when they are none."""
         self.content, calls, rest = self.tools.finish(self.text)
         if calls:
             self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
-            return [{"index": self.index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
-                     "logprobs": None, "finish_reason": None}]
+            return []
         return [{"index": self.index, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}] if rest else []
 
     def choice(self) -> dict:
