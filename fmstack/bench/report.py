@@ -138,3 +138,67 @@ def format_table(report: dict) -> str:
             lines.append(f"{'':<13} {'':>5} speculative: acceptance {100 * r['acceptance_rate']:.1f}%, "
                          f"{r['mean_accepted']:.2f} draft tokens accepted per round")
     return "\n".join(lines)
+
+
+# -- `fmstack bench --whole-command` -----------------------------------------------------------------
+WHOLE_NAMES = {"fmstack": "fmstack", "hf": "hf-eager", "llamacpp": "llama.cpp"}
+WHOLE_FIGURES = ("wall_s", "ttft_s", "load_s", "prefill_s", "decode_tok_s")
+
+
+def build_whole_report(args, threads: int, prompt: str, runs: dict, load_avg: tuple) -> dict:
+    """The whole-command report, in the usual layout: `meta` (with fmstack's command and the flags its
+    runs reported, defaults included), `systems`, and one `results` row per system and phase (cold /
+    warm for fmstack, "-" for the peers, which keep no cache): median/min/max of each figure."""
+    fm = runs.get(("fmstack", "cold"), [{}])[0]
+    rows = []
+    for (system, phase), recs in runs.items():
+        row = {"system": WHOLE_NAMES[system], "phase": phase, "batch_size": 1,
+               **{k: stats([r[k] for r in recs]) for k in WHOLE_FIGURES if all(r.get(k) is not None for r in recs)},
+               "tokens": [r["tokens"] for r in recs], "prompt_tokens": recs[0]["prompt_tokens"]}
+        rows.append(row)
+    hf = next((r for r in rows if r["system"] == "hf-eager"), None)
+    for r in rows:  # > 1: faster than HF eager
+        r["wall_speedup_vs_hf_eager"] = round(hf["wall_s"]["median"] / r["wall_s"]["median"], 3) if hf else None
+        both = hf and "decode_tok_s" in r and "decode_tok_s" in hf
+        r["decode_ratio_vs_hf_eager"] = (round(r["decode_tok_s"]["median"] / hf["decode_tok_s"]["median"], 3)
+                                         if both else None)
+    labels = {s: recs[0].get("label", "fmstack generate") for (s, _), recs in runs.items()}
+    load_start, load_end = load_avg
+    return {
+        "meta": {
+            "mode": "whole-command",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "device": "cpu", "device_name": device_name(torch.device("cpu")),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": threads,
+            "load_avg_start": list(load_start), "load_avg_end": list(load_end),
+            "model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats, "prompt_text": prompt,
+            "generate_args": args.generate_args or "", "fmstack_command": fm.get("command"),
+            "fmstack_compile": fm.get("compile"), "fmstack_flags": fm.get("flags"),
+            "command": " ".join(sys.argv),
+        },
+        "systems": {WHOLE_NAMES[s]: {"label": label} for s, label in labels.items()},
+        "results": rows,
+    }
+
+
+def format_whole_markdown(report: dict) -> str:
+    """The whole-command report as a markdown table (medians, [min-max] over the repeats)."""
+    m = report["meta"]
+    title = (f"`fmstack generate --max-new-tokens {m['new_tokens']}` ({m['generate_args'] or 'defaults'}: "
+             f"compile {m['fmstack_compile']}), {m['model']}, {m['threads']} threads, {m['repeats']} repeat(s), "
+             f"load avg {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f}, {m['device_name']}")
+    lines = [title, "",
+             "| system | run | wall s | first token s | load s | decode tok/s | tokens | wall vs HF eager |",
+             "|---|---|---|---|---|---|---|---:|"]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        s = r.get(key)
+        return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]" if s else "-"
+
+    for r in report["results"]:
+        ratio = r["wall_speedup_vs_hf_eager"]
+        toks = sorted(set(r["tokens"]))
+        lines.append(f"| {r['system']} | {r['phase']} | {cell(r, 'wall_s', '.2f')} | {cell(r, 'ttft_s', '.2f')} | "
+                     f"{cell(r, 'load_s', '.2f')} | {cell(r, 'decode_tok_s', '.1f')} | "
+                     f"{'/'.join(map(str, toks))} | {f'{ratio:.2f}x' if ratio else '-'} |")
+    return "\n".join(lines)

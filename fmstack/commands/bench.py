@@ -1,13 +1,17 @@
 """`fmstack bench`: the decode/prefill speed benchmark; the measuring lives in the `fmstack.bench`
 package. Unlike the other commands, --compile is on by default: the benchmark measures steady-state
-decoding, and its untimed warm-up pays for the compilation."""
+decoding, and its untimed warm-up pays for the compilation. `--whole-command` measures instead what a
+user waits for: whole `fmstack generate` processes, cold and warm, beside peers' scripts
+(`fmstack.bench.whole`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from fmstack.bench.report import format_table
+from fmstack.bench.plot import write_outputs
+from fmstack.bench.report import format_table, format_whole_markdown
 from fmstack.bench.run import run as run_bench
+from fmstack.bench.whole import run_whole
 from fmstack.commands.common import add_model_args, add_speculative_args
 
 HELP = "decode/prefill speed benchmark, optionally against HF transformers (--peers hf)"
@@ -38,11 +42,25 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens: random ids, or a fixed English passage (needs the model's tokenizer; "
                         "what speculative decoding should be measured on) (default random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    p.add_argument("--whole-command", action="store_true",
+                   help="time whole processes instead, start to exit: `fmstack generate --max-new-tokens "
+                        "NEW_TOKENS TEXT` cold (empty caches) and warm, and with --peers the same from an HF "
+                        "transformers / llama-cpp-python script; prints a markdown table (default: off)")
+    p.add_argument("--generate-args", default="", metavar="ARGS",
+                   help="with --whole-command: extra flags for `fmstack generate`, one string "
+                        "(e.g. '--compile --quantize int8'; '--ignore-eos' applies to the peers too) (default: none)")
+    p.add_argument("--text", default=None,
+                   help="with --whole-command: the prompt text (default: a fixed English sentence)")
     p.add_argument("--out", default=None, help="write the results as JSON here (default: not written)")
     p.add_argument("--plot", default=None, help="write a PNG (tok/s vs batch size) here; needs matplotlib (default: no plot)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.whole_command:
+        report = run_whole(args)
+        write_outputs(report, args.out, None, None)
+        print(format_whole_markdown(report))
+        return 0
     report = run_bench(args)
     if report is not None:  # None on the ranks of a torchrun job that do not report
         print(format_table(report))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 
+from fmstack.bench.whole import EVENTS_ENV
 from fmstack.commands.common import (add_model_args, add_sampling_args, add_speculative_args,
                                      check_speculative_args, load_draft, load_from_args, sampling_params,
                                      want_compile)
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         result = SpeculativeGenerator(gen, draft_gen, k).generate(prompt_ids, params, on_text=stream)
     else:
         result = gen.generate([prompt_ids], params, on_text=stream, constraints=[constraint])[0]
+    _bench_event(args, loaded, prompt_ids, result, time.time())
     if args.stream:
         sys.stdout.write("\n")
     if params.max_new_tokens == 0:
@@ -91,6 +95,20 @@ def run(args: argparse.Namespace) -> int:
         log.info("speculative k=%d: acceptance %.1f%%, %.2f draft tokens accepted per round", k,
                  100 * result.acceptance_rate, result.mean_accepted)
     return 0
+
+
+def _bench_event(args: argparse.Namespace, loaded, prompt_ids: list[int], result, now: float) -> None:
+    """With $FMSTACK_BENCH_EVENTS set (by `fmstack bench --whole-command`): append one JSON line to that
+    file, with the wall-clock time the first token was ready and the flags in effect."""
+    path = os.environ.get(EVENTS_ENV)
+    if not path:
+        return
+    flags = {k: v for k, v in vars(args).items() if k not in ("run", "prompt")}
+    record = {"system": "fmstack", "first_token_time": now - result.decode_s, "load_s": loaded.load_s,
+              "prefill_s": result.prefill_s, "decode_s": result.decode_s, "tokens": len(result.token_ids),
+              "prompt_tokens": len(prompt_ids), "compile": want_compile(args), "flags": flags}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def cli_finish_reason(result) -> str:
