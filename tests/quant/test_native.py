@@ -176,7 +176,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     script = ("import torch\nfrom fmstack.quant import native\nassert native.available(), native._state\n"
               "print(native.isa())\n")
     env = dict(os.environ, FMSTACK_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", script], check=False, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         _out, err = p.communicate(timeout=900)
