@@ -87,13 +87,21 @@ static inline void store_i8(const Args& a, int64_t n, int64_t m0, const float* m
     a.out[(m0 + m) * a.N + n] = sums[m] + (mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f);
 }
 
+// Weight row n's bytes, and x's int8 rows and scales from row m0.
+struct I8Rows {
+  const uint8_t* w;
+  const int8_t* qx;
+  const float* sx;
+};
+static inline I8Rows i8_rows(const Args& a, int64_t n, int64_t m0) {
+  return {a.w + n * a.wrow, a.qx + m0 * a.K, a.sx + m0 * a.nb};
+}
+
 // Integer path for rows m0..m0+MR of x against weight row n, 32 weights (one block of 32, two of 16)
 // per step; d and mn are the row's scales and mins as float32.
 template <int BITS, int BLOCK, int MR>
 static void rows_i8(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const uint8_t* w = a.w + n * a.wrow;
-  const int8_t* qx = a.qx + m0 * a.K;
-  const float* sx = a.sx + m0 * a.nb;
+  const auto [w, qx, sx] = i8_rows(a, n, m0);
   __m256 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   constexpr int span = 32 / BLOCK;
@@ -139,9 +147,7 @@ static inline __m512 pair_ps(const float* p) {
 // 8-bit q: no 512-bit vpsignb, so qx is negated (masked subtract) where q < 0.
 template <int BITS, int MR>
 static void rows_i8_zmm(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const uint8_t* w = a.w + n * a.wrow;
-  const int8_t* qx = a.qx + m0 * a.K;
-  const float* sx = a.sx + m0 * a.nb;
+  const auto [w, qx, sx] = i8_rows(a, n, m0);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = a.nb & ~int64_t(1);
