@@ -176,9 +176,36 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     script = ("import torch\nfrom fmstack.quant import native\nassert native.available(), native._state\n"
               "print(native.isa())\n")
     env = dict(os.environ, FMSTACK_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", script], check=False, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         _out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
     assert len(list((tmp_path / "kernels").glob("*/*.so"))) == 1
+
+
+def _ggml_blocks(raw: torch.Tensor, fmt: str) -> BlockWeight:
+    """A GGUF Q4_1 / Q8_0 tensor's bytes `[N, blocks * bytes per block]` split into the block layout by
+    hand (ggml's block structs: fp16 d, [fp16 m,] quants), to check the kernels read GGUF as it is."""
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, 20 if fmt == "Q4_1" else 34)
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
+    if fmt == "Q4_1":
+        m = b[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        return BlockWeight(b[..., 4:].reshape(n, -1).contiguous(), d.contiguous(), m.contiguous(), 4, 32)
+    return BlockWeight(b[..., 2:].reshape(n, -1).contiguous().view(torch.int8), d.contiguous(), None, 8, 32)
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_k.weight", "token_embd.weight"])
+def test_real_gguf_blocks_match_ggml_dequantization(smollm2_gguf, name):
+    """SmolLM2's own Q4_1 projection and Q8_0 embedding/head: the kernels against gguf-py's dequantizer."""
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors if t.name == name)
+    raw = torch.from_numpy(t.data.copy())[:256]  # 256 output rows keep it fast
+    w = _ggml_blocks(raw, t.tensor_type.name)
+    dense = torch.from_numpy(gguf.quants.dequantize(t.data[:256], t.tensor_type)).float()
+    x = torch.randn(3, w.in_features, generator=torch.Generator().manual_seed(3))
+    float_act = block_linear(x, w, False)
+    torch.testing.assert_close(float_act, x @ dense.T, rtol=1e-5, atol=1e-5 * float_act.abs().max().item())
+    assert_matches_reference(x, w, True)

@@ -5,8 +5,8 @@ torch.compile already needs, and cached across processes.
 Why our own op: no library kernel takes ggml's block layout as it is. torchao 0.18 (the PyPI wheel
 for this torch) ships only CUDA libraries, which do not load on a CPU machine, and its x86
 int8-activation/int4-weight linear wants its own packed layout and per-group zero points;
-`aten._weight_int4pack_mm_for_cpu` runs 98 ms a pass on SmolLM2-135M's projections against 15 ms for
-fmstack's own int4 reduction (benchmarks/results/quant_kernels_cpu.json), `aten._weight_int8pack_mm`
+PyTorch's tinygemm-layout int4 CPU matmul runs 98 ms a pass on SmolLM2-135M's projections against
+15 ms for fmstack's own int4 reduction (benchmarks/results/quant_kernels_cpu.json), its int8 pack matmul
 has per-channel scales only and float activations. docs/quant-kernels.md has the design and figures.
 
 Build cache: `<fmstack cache dir>/kernels/<key>/` ($FMSTACK_CACHE_DIR, the directory

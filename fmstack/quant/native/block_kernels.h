@@ -21,6 +21,34 @@ static inline __m256i unpack_q4(const uint8_t* p) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
 }
 
+// scalar::quantize with 8 lanes (block a multiple of 8); _mm256_round_ps rounds half to even like torch.round.
+static void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, float* s, float* xsum, float* xf) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  for (int64_t i = 0; i < nblocks; ++i) {
+    const float* xb = x + i * block;
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t j = 0; j < block; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + j), absmask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float scale = amax == 0.f ? 1.f : amax / 127.0f;
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t j = 0; j < block; j += 8) {
+      __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xb + j), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+      const __m256i qi = _mm256_cvtps_epi32(r);
+      sum = _mm256_add_epi32(sum, qi);
+      const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i * block + j), _mm_packs_epi16(p16, p16));
+      if (xf) _mm256_storeu_ps(xf + i * block + j, _mm256_mul_ps(r, sv));
+    }
+    s[i] = scale;
+    xsum[i] = scale * hsum(_mm256_cvtepi32_ps(sum));
+  }
+}
+
 static inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 static inline __m256i load16(const void* p) {  // upper half zero
   return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -59,13 +87,21 @@ static inline void store_i8(const Args& a, int64_t n, int64_t m0, const float* m
     a.out[(m0 + m) * a.N + n] = sums[m] + (mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f);
 }
 
+// Weight row n's bytes, and x's int8 rows and scales from row m0.
+struct I8Rows {
+  const uint8_t* w;
+  const int8_t* qx;
+  const float* sx;
+};
+static inline I8Rows i8_rows(const Args& a, int64_t n, int64_t m0) {
+  return {a.w + n * a.wrow, a.qx + m0 * a.K, a.sx + m0 * a.nb};
+}
+
 // Integer path for rows m0..m0+MR of x against weight row n, 32 weights (one block of 32, two of 16)
 // per step; d and mn are the row's scales and mins as float32.
 template <int BITS, int BLOCK, int MR>
 static void rows_i8(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const uint8_t* w = a.w + n * a.wrow;
-  const int8_t* qx = a.qx + m0 * a.K;
-  const float* sx = a.sx + m0 * a.nb;
+  const auto [w, qx, sx] = i8_rows(a, n, m0);
   __m256 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   constexpr int span = 32 / BLOCK;
@@ -111,9 +147,7 @@ static inline __m512 pair_ps(const float* p) {
 // 8-bit q: no 512-bit vpsignb, so qx is negated (masked subtract) where q < 0.
 template <int BITS, int MR>
 static void rows_i8_zmm(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const uint8_t* w = a.w + n * a.wrow;
-  const int8_t* qx = a.qx + m0 * a.K;
-  const float* sx = a.sx + m0 * a.nb;
+  const auto [w, qx, sx] = i8_rows(a, n, m0);
   __m512 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t full = a.nb & ~int64_t(1);

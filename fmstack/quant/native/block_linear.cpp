@@ -85,6 +85,27 @@ void gemv(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// x in blocks: s = max|x| / 127 (1 for an all-zero block), q = round-half-even(x / s) in [-127, 127]:
+// the same float operations as blocks.quantize_activations, so q is bit-identical. xsum = s * sum(q);
+// xf (where not null) = q * s, the float round trip.
+void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, float* s, float* xsum, float* xf) {
+  for (int64_t i = 0; i < nblocks; ++i) {
+    const float* xb = x + i * block;
+    float amax = 0.f;
+    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float scale = amax == 0.f ? 1.f : amax / 127.0f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < block; ++j) {
+      const float r = std::min(127.f, std::max(-127.f, std::nearbyint(xb[j] / scale)));
+      q[i * block + j] = static_cast<int8_t>(r);
+      sum += static_cast<int32_t>(r);
+      if (xf) xf[i * block + j] = r * scale;
+    }
+    s[i] = scale;
+    xsum[i] = scale * (float)sum;
+  }
+}
+
 void dequant_rows(const Args& a, int64_t n0, int64_t n1, float* dst) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t k = 0; k < a.K; ++k) {
@@ -196,26 +217,19 @@ void run_dequant(Isa isa, const Args& a, int64_t n0, int64_t n1, float* dst) {
   }
 }
 
-// x per row and block: s = max|x| / 127 (1 for an all-zero block), q = round-half-even(x / s) in
-// [-127, 127]: the same float operations as blocks.quantize_activations, so q is bit-identical.
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, float* xsum) {
-  const int64_t nb = K / block;
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const float* xb = x + i * block;
-    float amax = 0.f;
-    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    float scale = amax / 127.0f;
-    if (scale == 0.f) scale = 1.f;
-    int32_t sum = 0;
-    for (int64_t j = 0; j < block; ++j) {
-      const float r = std::nearbyint(xb[j] / scale);
-      const int8_t v = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
-      q[i * block + j] = v;
-      sum += v;
+void run_quantize(Isa isa, const float* x, int64_t nblocks, int64_t block, int8_t* q, float* s, float* xsum,
+                  float* xf) {
+  at::parallel_for(0, nblocks, 256, [&](int64_t i0, int64_t i1) {
+    const int64_t o = i0 * block;
+    switch (isa) {
+#if FM_X86
+      case kAvx512Vnni: return avx512vnni::quantize(x + o, i1 - i0, block, q + o, s + i0, xsum + i0, xf ? xf + o : xf);
+      case kAvxVnni: return avxvnni::quantize(x + o, i1 - i0, block, q + o, s + i0, xsum + i0, xf ? xf + o : xf);
+      case kAvx2: return avx2::quantize(x + o, i1 - i0, block, q + o, s + i0, xsum + i0, xf ? xf + o : xf);
+#endif
+      default: return scalar::quantize(x + o, i1 - i0, block, q + o, s + i0, xsum + i0, xf ? xf + o : xf);
     }
-    s[i] = scale;
-    xsum[i] = scale * (float)sum;
-  }
+  });
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -267,19 +281,15 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   std::vector<float> s, xsum;
   if (int8_act) {
     q.resize(M * K), s.resize(M * nb), xsum.resize(M * nb);
-    quantize_activations(a.x, M, K, block, q.data(), s.data(), xsum.data());
     a.qx = q.data(), a.sx = s.data(), a.xsum = xsum.data();
   }
-  if (M > kGemvRows) {
-    at::Tensor xf = x;
-    if (int8_act) {  // the activations' int8 round trip, in float
-      xf = at::empty({M, K}, x.options());
-      float* p = xf.data_ptr<float>();
-      for (int64_t i = 0; i < M * K; ++i) p[i] = (float)q[i] * s[i / block];
-    }
+  if (M > kGemvRows) {  // with int8_act, x is replaced by its int8 round trip, in float
+    const at::Tensor xf = int8_act ? at::empty({M, K}, x.options()) : x;
+    if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), xf.data_ptr<float>());
     tiled_mm(isa, a, xf, out);
     return out;
   }
+  if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), nullptr);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { run_gemv(isa, a, n0, n1); });
   return out;
 }
