@@ -45,6 +45,11 @@ class BlockWeight:
                              "(bits 8 with block 16 or 32; bits 4 with block 32)")
 
     @property
+    def layout(self) -> tuple[int, int, str, bool]:
+        """(bits, block, scales dtype, has mins): what a kernel specializes on."""
+        return self.bits, self.block, str(self.scales.dtype).removeprefix("torch."), self.mins is not None
+
+    @property
     def out_features(self) -> int:
         return self.qweight.shape[0]
 

@@ -129,3 +129,16 @@ def test_quantize_choices_on_the_command_line(capsys):
     assert "--quantize: invalid choice: 'q4k'" in err and "gguf" in err and "w4a8" in err
     assert main(["generate", "--model", "random:tiny-mha", "--quantize", "gguf", "hi"]) == 2
     assert "--quantize gguf keeps a GGUF file's own blocks" in capsys.readouterr().err
+
+
+def test_compile_fingerprint_and_saving(hf_models, tmp_path):
+    from fmstack.checkpoints.native import save_checkpoint
+    from fmstack.generation.compile_cache import model_fingerprint
+
+    models = [load_model(str(write_gguf(hf_models["mha-tied"], tmp_path / f"{q.name}.gguf", qtype=q)),
+                         quantize="gguf").model for q in (QT.Q8_0, QT.Q4_1)]
+    a, b = (model_fingerprint(m, torch.float32) for m in models)
+    assert a["quant"]["mode"] == "gguf" and a["blocks"] != b["blocks"]  # one config, two block layouts
+    with pytest.raises(ParameterError, match="--quantize gguf models cannot be saved"):
+        save_checkpoint(tmp_path / "out", models[0], quantized={"x": torch.zeros(1)})
+    assert not (tmp_path / "out" / "model.safetensors").exists()

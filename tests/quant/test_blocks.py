@@ -127,6 +127,6 @@ def test_block_mode_errors():
     with pytest.raises(ParameterError, match="w4a8 uses groups of 32"):
         QuantSpec("w4a8", 64)
     with pytest.raises(ParameterError, match="cannot be saved"):
-        QuantSpec("gguf").to_dict()
+        QuantSpec("gguf").check_savable()
     with pytest.raises(ParameterError, match="unknown; choose one of int8, int4, gptq, gguf, gguf-a8, w8a8, w4a8"):
         QuantSpec("q4")
