@@ -116,6 +116,12 @@ def test_block_modes_refuse_what_they_cannot_run():
         load_model("random:tiny-gqa", quantize="gguf")
     with pytest.raises(ParameterError, match="--quantize w4a8 uses groups of 32"):
         load_model("random:tiny-gqa", quantize="w4a8", group_size=64)
+    from fmstack.checkpoints import open_checkpoint
+    from fmstack.loading import _check_blocks
+
+    ckpt = open_checkpoint("random:tiny-gqa")
+    with pytest.raises(ParameterError, match="--quantize w8a8 cannot be combined with --parallel"):
+        _check_blocks(ckpt, QuantSpec("w8a8"), plan=object())  # any plan: tp, pp, cp
 
 
 def test_quantize_choices_on_the_command_line(capsys):
