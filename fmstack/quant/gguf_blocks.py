@@ -29,7 +29,8 @@ from torch import Tensor
 
 from fmstack.quant.blocks import BlockWeight, pack_nibbles
 
-# one converter's output for n blocks: (q [n, values] or packed nibbles [n, values/2], scales [n, sub-blocks], mins or None, bits, block)
+# one converter's output for n blocks: (q [n, values] or packed nibbles [n, values/2],
+# scales [n, sub-blocks], mins or None, bits, block)
 Parts = tuple[Tensor, Tensor, Tensor | None, int, int]
 
 

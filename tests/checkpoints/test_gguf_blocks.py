@@ -71,7 +71,8 @@ def write_k_quant_gguf(path, layers: int = 2, dim: int = 256, ffn: int = 512, vo
         raw = random_gguf_blocks(qtype, rows, cols, seed=seed, scale=scale).reshape(rows, -1)
         w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
     rng = np.random.default_rng(0)
-    for name in [f"blk.{i}.{n}.weight" for i in range(layers) for n in ("attn_norm", "ffn_norm")] + ["output_norm.weight"]:
+    norms = [f"blk.{i}.{n}.weight" for i in range(layers) for n in ("attn_norm", "ffn_norm")]
+    for name in norms + ["output_norm.weight"]:
         w.add_tensor(name, (1 + 0.2 * rng.standard_normal(dim)).astype(np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
