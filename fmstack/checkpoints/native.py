@@ -59,6 +59,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer=None,
     if spec is not None and (held is None or held.layout != spec.layout):
         raise CheckpointError(f"save_checkpoint: spec {spec.mode} does not match the model's projections "
                               f"({held.mode if held else 'float'})")
+    if spec is not None:
+        spec.check_savable()
     if spec is not None and not quantized:
         raise CheckpointError("a quantized model can only be saved with its portable tensors (quantized=...)")
     tensors = {k: v.detach().to("cpu").clone() for k, v in canonical_state(model).items()}  # views share storage

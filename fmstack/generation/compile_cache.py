@@ -43,12 +43,14 @@ def compile_cache_dir() -> Path:
 
 def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     """What a compiled graph of `model` depends on besides the step: its config, the activation dtype,
-    the quantization scheme, the module and parameter types, torch and the CPU ISA."""
+    the quantization scheme, the module and parameter types, block layouts (GGUF files of one model
+    differ there), torch and the CPU ISA."""
     config = getattr(model, "config", None)
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
     spec = spec_of(model)
     return {"config": config, "dtype": str(dtype), "quant": spec.to_dict() if spec else None,
             "modules": sorted({type(m).__qualname__ for m in model.modules()}),
+            "blocks": sorted({repr(m.weight_blocks.layout) for m in model.modules() if hasattr(m, "weight_blocks")}),
             "params": sorted({str(p.dtype) for p in model.parameters()}),
             "device": str(next(model.parameters()).device.type),
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}

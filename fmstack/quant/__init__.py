@@ -75,10 +75,13 @@ class QuantSpec:
         """(bits, group size or None): what the quantized modules hold (int4 and gptq share it)."""
         return self.bits, self.group_size if self.bits == 4 else None
 
-    def to_dict(self) -> dict:
-        if self.blocks:
+    def check_savable(self) -> None:
+        """Raise a ParameterError for a mode fmstack checkpoints do not store (the block modes)."""
+        if self.mode not in MODES:
             raise ParameterError(f"--quantize {self.mode} models cannot be saved as a checkpoint; "
                                  f"fmstack checkpoints store {', '.join(MODES)}")
+
+    def to_dict(self) -> dict:
         bits, group_size = self.layout
         return {"mode": self.mode, "bits": bits, "group_size": group_size}
 

@@ -1,8 +1,8 @@
 """GGUF quantized tensors -> `BlockWeight`, with no requantization: the block values stay exactly
 what llama.cpp's dequantizer (and `gguf.quants.dequantize`) computes.
 
-Why: dequantizing the default model (SmolLM2-135M, Q4_1/Q8_0, 94 MB on disk) to float32 held 513 MB
-of weights; kept as blocks it holds about its file size (see `fmstack.loading` for the measured RSS).
+Why: dequantizing the default model (SmolLM2-135M, Q4_1/Q8_0, 94 MB on disk) to float32 held 513 MiB
+of weights; kept as blocks it holds 92 MiB, about its file size (RSS figures in `fmstack.loading`).
 
 Per type (K = a row's width; `value` = q * scale + min, the block layout of `fmstack.quant.blocks`):
   Q8_0  int8 q, fp16 d as stored: 8-bit, block 32, fp16 scales, no mins.
@@ -29,7 +29,8 @@ from torch import Tensor
 
 from fmstack.quant.blocks import BlockWeight, pack_nibbles
 
-# one converter's output for n blocks: (q [n, values] or packed nibbles [n, values/2], scales [n, sub-blocks], mins or None, bits, block)
+# one converter's output for n blocks: (q [n, values] or packed nibbles [n, values/2],
+# scales [n, sub-blocks], mins or None, bits, block)
 Parts = tuple[Tensor, Tensor, Tensor | None, int, int]
 
 

@@ -71,7 +71,8 @@ def write_k_quant_gguf(path, layers: int = 2, dim: int = 256, ffn: int = 512, vo
         raw = random_gguf_blocks(qtype, rows, cols, seed=seed, scale=scale).reshape(rows, -1)
         w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
     rng = np.random.default_rng(0)
-    for name in [f"blk.{i}.{n}.weight" for i in range(layers) for n in ("attn_norm", "ffn_norm")] + ["output_norm.weight"]:
+    norms = [f"blk.{i}.{n}.weight" for i in range(layers) for n in ("attn_norm", "ffn_norm")]
+    for name in norms + ["output_norm.weight"]:
         w.add_tensor(name, (1 + 0.2 * rng.standard_normal(dim)).astype(np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
@@ -116,6 +117,12 @@ def test_block_modes_refuse_what_they_cannot_run():
         load_model("random:tiny-gqa", quantize="gguf")
     with pytest.raises(ParameterError, match="--quantize w4a8 uses groups of 32"):
         load_model("random:tiny-gqa", quantize="w4a8", group_size=64)
+    from fmstack.checkpoints import open_checkpoint
+    from fmstack.loading import _check_blocks
+
+    ckpt = open_checkpoint("random:tiny-gqa")
+    with pytest.raises(ParameterError, match="--quantize w8a8 cannot be combined with --parallel"):
+        _check_blocks(ckpt, QuantSpec("w8a8"), plan=object())  # any plan: tp, pp, cp
 
 
 def test_quantize_choices_on_the_command_line(capsys):
@@ -129,3 +136,16 @@ def test_quantize_choices_on_the_command_line(capsys):
     assert "--quantize: invalid choice: 'q4k'" in err and "gguf" in err and "w4a8" in err
     assert main(["generate", "--model", "random:tiny-mha", "--quantize", "gguf", "hi"]) == 2
     assert "--quantize gguf keeps a GGUF file's own blocks" in capsys.readouterr().err
+
+
+def test_compile_fingerprint_and_saving(hf_models, tmp_path):
+    from fmstack.checkpoints.native import save_checkpoint
+    from fmstack.generation.compile_cache import model_fingerprint
+
+    models = [load_model(str(write_gguf(hf_models["mha-tied"], tmp_path / f"{q.name}.gguf", qtype=q)),
+                         quantize="gguf").model for q in (QT.Q8_0, QT.Q4_1)]
+    a, b = (model_fingerprint(m, torch.float32) for m in models)
+    assert a["quant"]["mode"] == "gguf" and a["blocks"] != b["blocks"]  # one config, two block layouts
+    with pytest.raises(ParameterError, match="--quantize gguf models cannot be saved"):
+        save_checkpoint(tmp_path / "out", models[0], quantized={"x": torch.zeros(1)})
+    assert not (tmp_path / "out" / "model.safetensors").exists()

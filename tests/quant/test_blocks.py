@@ -63,6 +63,15 @@ def test_copied_types_keep_the_file_bytes():
     assert w.scales.dtype == torch.float16 and w.mins.dtype == torch.float16
 
 
+def test_q4_0_mins_overflowing_fp16_are_kept_in_fp32():
+    raw = random_gguf_blocks(QT.Q4_0, 2, 64, seed=4, scale=1.0).reshape(4, 18)
+    raw[1, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)  # -8 * d is beyond fp16's range
+    w = gguf_block_weight(torch.from_numpy(raw.reshape(-1)), QT.Q4_0, (2, 64))
+    assert w.scales.dtype == w.mins.dtype == torch.float32
+    want = torch.from_numpy(gguf.quants.dequantize(raw.reshape(2, -1), QT.Q4_0))
+    assert np.array_equal(_bits(dequantize_blocks(w)), _bits(want))
+
+
 def test_converter_rejects_bad_input():
     with pytest.raises(ValueError, match="Q5_0 is not kept as blocks"):
         gguf_block_weight(torch.zeros(22, dtype=torch.uint8), QT.Q5_0, (1, 32))
@@ -127,6 +136,6 @@ def test_block_mode_errors():
     with pytest.raises(ParameterError, match="w4a8 uses groups of 32"):
         QuantSpec("w4a8", 64)
     with pytest.raises(ParameterError, match="cannot be saved"):
-        QuantSpec("gguf").to_dict()
+        QuantSpec("gguf").check_savable()
     with pytest.raises(ParameterError, match="unknown; choose one of int8, int4, gptq, gguf, gguf-a8, w8a8, w4a8"):
         QuantSpec("q4")
