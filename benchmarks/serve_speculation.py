@@ -12,6 +12,7 @@ is recorded before and after each run: on a shared machine the times are upper b
 Result JSON: benchmarks/results/serve_speculation_cpu.json.
 
     python -m benchmarks.serve_speculation [--k 4] [--max-tokens 64] [--batches 1,2,4,8] [--threads 1]
+                                           [--batches-only]
 """
 
 from __future__ import annotations
@@ -86,25 +87,29 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--batches-only", action="store_true",
+                    help="skip the one-client runs; add the batch runs to the existing result JSON")
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m-instruct")
     tok = loaded.tokenizer
-    engine = Engine(loaded.model, tok, EngineConfig(max_model_len=512, kv_cache_bytes=256 << 20, max_num_seqs=16))
+    engine = Engine(loaded.model, tok, EngineConfig(max_model_len=512, kv_cache_bytes=256 << 20, max_num_seqs=32))
     chats = {name: tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
              for name, text in PROMPTS.items()}
     spec = SpeculationConfig(k=args.k, max_batch=1 << 20)  # the threshold off: measured here
+    path = Path(__file__).parent / "results" / "serve_speculation_cpu.json"
     res = {"model": "smollm2-135m-instruct", "threads": torch.get_num_threads(), "k": args.k,
            "max_tokens": args.max_tokens, "command": "python -m benchmarks.serve_speculation " + " ".join(sys.argv[1:]),
            "one_client": {}, "batches": {}}
+    if args.batches_only:
+        res = {**json.loads(path.read_text()), "command_batches_only": res["command"]}
     run(engine, [chats["chat"]], 4)  # warm-up
-    for name, prompt in chats.items():
+    for name, prompt in chats.items() if not args.batches_only else ():
         res["one_client"][name] = compare(engine, [prompt], args.max_tokens, spec)
     for b in (int(x) for x in args.batches.split(",")):
         prompts = [chats[("repeat_list", "code_edit", "chat")[i % 3]] for i in range(b)]
         res["batches"][str(b)] = compare(engine, prompts, args.max_tokens // 2, spec)
-    path = Path(__file__).parent / "results" / "serve_speculation_cpu.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print("wrote", path)
 

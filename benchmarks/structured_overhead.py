@@ -83,6 +83,7 @@ def main() -> None:
     runner_mod.fill_masks = _timed_fill
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}]))
     constraint = compile_constraint(tok, "json_schema", SCHEMA)
+    path = Path(__file__).parent / "results" / "structured_overhead_cpu.json"
     res = {"model": "smollm2-135m-instruct", "threads": torch.get_num_threads(), "max_tokens": args.max_tokens,
            "command": "python -m benchmarks.structured_overhead " + " ".join(sys.argv[1:]), "runs": []}
     for mode in args.modes.split(","):
@@ -100,8 +101,7 @@ def main() -> None:
                      "loadavg_end": os.getloadavg()}
                 print(r, flush=True)
                 res["runs"].append(r)
-    path = Path(__file__).parent / "results" / "structured_overhead_cpu.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
+                path.write_text(json.dumps(res, indent=1) + "\n")  # after every run: a cut-off run keeps the rest
     print("wrote", path)
 
 

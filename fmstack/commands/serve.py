@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="prompt-lookup speculative decoding: propose K tokens (default 4) found after the last "
                         "n-gram earlier in the request, verified in the same step; off by default (docs/serve.md)")
     g.add_argument("--speculative-max-batch", type=int, default=None,
-                   help="no speculation while more than this many sequences run (default: the measured threshold)")
+                   help="no speculation while more than this many sequences run (default 32, measured: docs/serve.md)")
     g.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default 1024)")
 
 

@@ -186,9 +186,7 @@ def _new_call(name: str) -> dict:
 def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict]]:
     """The model's whole text -> (content, OpenAI tool_calls). Text that is not made of well-formed
     calls stays content, all of it."""
-    out = ToolOutput(parser)
-    out.update(text)
-    content, calls, _ = out.finish(text)
+    content, calls, _ = ToolOutput(parser).finish(text)
     return content, calls
 
 
@@ -255,7 +253,9 @@ class ToolOutput:
     def finish(self, text: str) -> tuple[str | None, list[dict], str]:
         """(content, tool_calls, unsent content) of the whole text. The calls stand only when every
         one is a complete object with a name and object arguments, and nothing but whitespace or `;`
-        (Llama) follows; otherwise none do and the whole text is content."""
+        (Llama) follows; otherwise none do and the whole text is content. Catches up with `text` first
+        (a stream has already: `update` ran on the same text)."""
+        self.update(text)
         scans = _scans(text, self.parser)
         ok = bool(scans) and len(scans) == len(self.calls) and all(
             sc.end is not None and sc.name == c["function"]["name"] and _arguments(text, sc) is not None
