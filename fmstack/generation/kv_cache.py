@@ -100,7 +100,7 @@ class StaticLayer(nn.Module):
 class StaticKVCache(PaddedKVCache):
     """k, v `[B, Hkv, S, D]` per layer (see the module docstring). `reset` needs no clearing of the
     old K/V: slots not yet written are masked out. `layer_views`: one `StaticLayer` per layer (a
-    tuple, not submodules: the buffers are the cache's own)."""
+    tuple, not submodules: the buffers are the cache's own); None for sliding-window models."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -108,8 +108,11 @@ class StaticKVCache(PaddedKVCache):
         shape = (batch_size, n_kv_heads or config.n_kv_heads, max_seq_len, config.head_dim)
         super().__init__(config, batch_size, max_seq_len, shape, n_layers or config.n_layers, dtype, device)
         self.sliding_window = config.sliding_window
-        self.layer_views = tuple(StaticLayer(*LayerKVBuffers.layer_kv(self, i), self.pad, self.sliding_window)
-                                 for i in range(self.n_layers))
+        # No views with a sliding window: torch 2.13's Dynamo fails on that region in the dynamic-length
+        # prefill (InternalTorchDynamoError KeyError, tests/models/test_families.py mistral); those
+        # models compile every layer inline, as before
+        self.layer_views = None if self.sliding_window is not None else tuple(
+            StaticLayer(*LayerKVBuffers.layer_kv(self, i), self.pad, self.sliding_window) for i in range(self.n_layers))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k/v `[B, Hkv, T, D]` at slots `positions + pad`, then attend q over the whole cache."""
