@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ import torch
 # The one path outside the checkout that tests read: ../shared beside it. Only the fixture below uses it.
 _SHARED = Path(__file__).resolve().parents[2] / "shared"
 _HELLASWAG_DEV = _SHARED / "data" / "hellaswag" / "hellaswag_val_dev.jsonl"
+# Compiled kernels persist across test sessions in one machine-wide folder (otherwise fmstack keeps them
+# under each session's fresh cache folder, and every session compiles cold)
+# The commands that compile by default (generate, eval, bench, the lm-eval model) run eager in tests
+# unless a test asks for --compile: one-off compiles would blow the suite's time budget
+os.environ.setdefault("FMSTACK_COMPILE", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fmstack-tests-inductor-{getpass.getuser()}"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,9 +5,11 @@ model on a small CPU, and without these lines the first request looks hung."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -15,6 +17,16 @@ from torch import Tensor
 from fmstack.backends.dynamo import compile_counters
 
 log = logging.getLogger(__name__)
+
+
+def compile_region(fn: Callable) -> Callable:
+    """`fn` marked as a nested compile region (`torch.compiler.nested_compile_region`): inside a
+    torch.compile, Dynamo traces it once and reuses that graph for every later call whose inputs
+    have the same structure (tensors of the same shapes, modules of the same structure), and
+    Inductor lowers and generates it once. Eager calls are plain calls. Without that API (older
+    torch): `fn` itself, compiled inline as before."""
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    return fn if mark is None else mark(fn)
 
 
 def step_key(args: tuple, static_tokens: bool = True) -> tuple[str, ...]:
@@ -40,6 +52,30 @@ class CompileStore(Protocol):
 
     def save(self, what: str, label: tuple[str, ...]) -> Any: ...
 
+    def where(self) -> str: ...
+
+
+HEARTBEAT_S = 15.0  # a compile still running logs a line this often
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, label: str, t0: float, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Log "still compiling" every `every` seconds until the block ends (a cold compile on a small
+    CPU is tens of seconds: the user sees that it is alive)."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log.info("still compiling %s (%s): %.0f s", what, label, time.perf_counter() - t0)
+
+    thread = threading.Thread(target=beat, name="fmstack-compile-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
 
 class LoggedCompile:
     """`torch.compile(fn, **kwargs)` whose first call per key (`key(args)`, default `step_key`) logs
@@ -63,11 +99,13 @@ class LoggedCompile:
         label = ", ".join(key) or "first call"
         t0 = time.perf_counter()
         stored = self.store is not None and self.store.load(self.what, key)
+        where = "" if self.store is None else self.store.where()
         log.info("compiling %s (%s): once per process%s", self.what, label,
-                 ", from the compile cache" if stored else "; later processes load it from the compile cache"
-                 if self.store is not None else "")
+                 f", from the compile cache {where}" if stored else
+                 f"; cached in {where} for later processes" if self.store is not None else "")
         before = compile_counters()["graphs"]
-        out = self.compiled(*args)
+        with heartbeat(self.what, label, t0):
+            out = self.compiled(*args)
         if self.store is not None and not stored:
             self.store.save(self.what, key)
         log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, label,

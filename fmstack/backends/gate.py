@@ -33,6 +33,7 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "inductor.compile_fx": _module_attr("torch._inductor.compile_fx", "compile_fx"),
     "inductor.select_decomp_table": _module_attr("torch._inductor.decomposition", "select_decomp_table"),
     "inductor.CustomGraphPass": _module_attr("torch._inductor.custom_graph_pass", "CustomGraphPass"),
+    "inductor.default_cache_dir": _module_attr("torch._inductor.runtime.cache_dir_utils", "default_cache_dir"),
     "prims.inductor_force_stride_order": _op("prims", "inductor_force_stride_order"),
     "dynamo.config": _module_attr("torch._dynamo", "config"),
     "dynamo.mark_dynamic": _module_attr("torch._dynamo", "mark_dynamic"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,26 @@ from fmstack.backends.gate import available, symbol
 GEMV_MAX_ROWS = 8
 _CPU_BACKEND_SYMBOLS = ("inductor.compile_fx", "inductor.select_decomp_table", "inductor.CustomGraphPass")
 _decomp_lock = threading.RLock()
+
+
+CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def user_cache_dir() -> str | None:
+    """Inductor's cache directory where the user chose one (`$TORCHINDUCTOR_CACHE_DIR`); None where it
+    is unset or Inductor's own default, which Inductor writes into the environment itself on first
+    use (importing torch._dynamo is enough), so the variable alone cannot tell."""
+    value = os.environ.get(CACHE_DIR_ENV)
+    default = symbol("inductor.default_cache_dir")
+    if not value or (default is not None and os.path.abspath(value) == os.path.abspath(default())):
+        return None
+    return value
+
+
+def set_cache_dir(path: str | os.PathLike) -> None:
+    """Inductor's caches (FX graphs, AOTAutograd entries, built libraries) go to `path` from now on in
+    this process and its compile workers (Inductor reads the variable at every cache access)."""
+    os.environ[CACHE_DIR_ENV] = str(path)
 
 
 def rowwise(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -72,6 +93,11 @@ def gemv_as_reduction(a: Tensor, b: Tensor, max_rows: int = GEMV_MAX_ROWS) -> Te
     acc = torch.promote_types(a.dtype, torch.float32)
     out = rowwise(lambda rows: (rows.to(acc).unsqueeze(2) * b.to(acc).unsqueeze(0)).sum(1), a)
     return out.to(torch.promote_types(a.dtype, b.dtype))
+
+
+def has_compile_regions(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph calls a nested compile region (`invoke_subgraph`, `compile_region`)."""
+    return any(node.op == "call_function" and "invoke_subgraph" in str(node.target) for node in gm.graph.nodes)
 
 
 def has_collectives(gm: torch.fx.GraphModule) -> bool:
@@ -121,6 +147,11 @@ def cpu_decode_backend(max_rows: int, options: dict[str, Any]) -> Callable:
         if patches.get("cpp_wrapper") and has_collectives(gm):
             # torch 2.13's C++ wrapper cannot call the functional collectives (tensor parallel):
             # "arg type Any is not yet supported by custom_op_wrapper"
+            patches["cpp_wrapper"] = False
+        if patches.get("cpp_wrapper") and has_compile_regions(gm):
+            # torch 2.13's C++ wrapper cannot call a compile region ("codegen invoke_subgraph is not
+            # implemented for cpp wrapper"); the Python wrapper defines the region's code once and
+            # calls it for every layer (docs/compile.md: what that costs per step)
             patches["cpp_wrapper"] = False
         # Both on-disk caches (AOTAutograd's, keyed on the graph before decomposition, and Inductor's
         # FX graph cache) key on Inductor's config: the key pass puts this backend's settings there,

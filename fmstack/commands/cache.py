@@ -1,12 +1,13 @@
 """`fmstack cache info|clear`: what fmstack's compile cache holds (`<cache dir>/compile`, one bundle
-per compiled step: `fmstack.generation.compile_cache`) and emptying it."""
+per compiled step: `fmstack.generation.compile_cache`, and Inductor's directory `<cache dir>/inductor`
+with the built kernels) and emptying it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from fmstack.generation.compile_cache import cache_entries, clear_cache, compile_cache_dir
+from fmstack.generation.compile_cache import cache_entries, clear_cache, compile_cache_dir, kernel_cache_dir
 
 HELP = "show (info) or empty (clear) the compile cache of compiled generation steps"
 
@@ -32,14 +33,16 @@ def describe(entry: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     root = compile_cache_dir()
     if args.action == "clear":
-        print(f"cleared {root}: {clear_cache(root) / 2**20:.1f} MiB freed")
+        print(f"cleared {root} and fmstack's Inductor directory {kernel_cache_dir()} (unless $TORCHINDUCTOR_CACHE_DIR "
+              f"names another): {clear_cache() / 2**20:.1f} MiB freed")
         return 0
     entries = cache_entries(root)
     if args.json:
         print(json.dumps({"path": str(root), "entries": entries}))
         return 0
     total = sum(e["bytes"] for e in entries)
-    print(f"compile cache {root}: {len(entries)} entries, {total / 2**20:.1f} MiB")
+    print(f"compile cache {root}: {len(entries)} entries, {total / 2**20:.1f} MiB; "
+          f"Inductor's kernels and graphs: {kernel_cache_dir()}")
     for e in entries:
         print("  " + describe(e))
     return 0

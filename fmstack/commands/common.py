@@ -6,6 +6,7 @@ import argparse
 
 from fmstack.checkpoints.named import DEFAULT_MODEL
 from fmstack.errors import ParameterError
+from fmstack.generation.compile import compile_by_default
 from fmstack.generation.sampling import SamplingParams
 from fmstack.generation.speculative import MAX_SPECULATE_K
 from fmstack.loading import LoadedModel, load_model
@@ -19,6 +20,8 @@ PARALLEL_HELP = ("split the model over the ranks of a torchrun job: tp (tensor p
                  "--nproc-per-node N -m fmstack ... (default none)")
 COMPILE_HELP = ("torch.compile the model calls (default: on for CUDA, off for CPU, where a one-off run spends "
                 "longer compiling than it saves)")
+COMPILED_HELP = ("torch.compile the model calls (default: on, off where $FMSTACK_COMPILE=0; the first run compiles "
+                 "once, later runs load the compiled steps from the compile cache, see `fmstack cache info`)")
 
 
 def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry name, checkpoint path (.gguf, HF "
@@ -36,6 +39,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_help: str = "registry na
     add_model_name_arg(p, model_help)
     p.add_argument("--dtype", default="fp32", choices=list(dtypes), help=f"{dtype_help} (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    if compile_default:
+        compile_default = compile_by_default()
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile_default, help=compile_help)
     p.add_argument("--parallel", default=parallel_default, choices=list(parallel), help=parallel_help)
     if runtime:

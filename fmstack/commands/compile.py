@@ -10,7 +10,7 @@ import time
 
 from fmstack.commands.common import DTYPES, add_model_name_arg, add_quant_args, load_from_args, positive
 from fmstack.errors import ParameterError
-from fmstack.generation.compile_cache import compile_cache_dir
+from fmstack.generation.compile_cache import compile_cache_dir, kernel_cache_dir
 from fmstack.generation.generate import Generator
 from fmstack.generation.sampling import SamplingParams
 
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
             gen.generate([[1, 2]] * b, params)  # a 2-token prompt: the prefill graph, then decode
             print(f"batch {b} {'sampled' if params.temperature else 'greedy'}: prefill + decode ready "
                   f"in {time.perf_counter() - t0:.1f} s")
-    print(f"compile cache: {compile_cache_dir()}")
+    print(f"compile cache: {compile_cache_dir()} (Inductor's kernels: {kernel_cache_dir()})")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fmstack.commands.common import add_model_args, load_from_args, positive, want_compile
+from fmstack.commands.common import COMPILED_HELP, add_model_args, load_from_args, positive, want_compile
 from fmstack.eval import hellaswag, perplexity
 
 HELP = "evaluate a model: hellaswag, perplexity"
@@ -14,14 +14,14 @@ HELP = "evaluate a model: hellaswag, perplexity"
 def configure(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
     hs = sub.add_parser("hellaswag", help="HellaSwag zero-shot acc / acc_norm (lm-eval convention)")
-    add_model_args(hs)
+    add_model_args(hs, compile_default=True, compile_help=COMPILED_HELP)
     hs.add_argument("--data", required=True, help="HellaSwag JSONL file (e.g. hellaswag_val.jsonl)")
     hs.add_argument("--limit", type=int, default=None, help="score only the first N rows (default: all)")
     hs.add_argument("--batch-size", type=int, default=32, help="rows per forward (default 32)")
     hs.add_argument("--output", default=None, help="write per-row predictions (JSON lines) here (default: none)")
     hs.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
-    add_model_args(pp)
+    add_model_args(pp, compile_default=True, compile_help=COMPILED_HELP)
     pp.add_argument("--text", required=True, help="UTF-8 text file")
     pp.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: model context)")
     pp.add_argument("--stride", type=int, default=None, help="window step in tokens (default: --max-length)")

@@ -10,7 +10,7 @@ import sys
 import time
 
 from fmstack.bench.whole import EVENTS_ENV
-from fmstack.commands.common import (add_model_args, add_sampling_args, add_speculative_args,
+from fmstack.commands.common import (COMPILED_HELP, add_model_args, add_sampling_args, add_speculative_args,
                                      check_speculative_args, load_draft, load_from_args, sampling_params,
                                      want_compile)
 from fmstack.errors import FmstackError, ParameterError
@@ -25,7 +25,7 @@ HELP = "generate text from a prompt"
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="prompt text")
-    add_model_args(p)
+    add_model_args(p, compile_default=True, compile_help=COMPILED_HELP)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")

@@ -12,9 +12,10 @@ module must be imported before lm-eval looks the name up. Ways to run it:
 
 model_args: `model` (registry name or checkpoint path), `dtype` (fp32|bf16|fp16), `device`,
 `batch_size` (contexts per forward), `max_length` (tokens; default the model's context),
-`compile` (torch.compile the scoring forward). `model_args` win over lm-eval's `--batch_size` and
-`--device`; lm-eval's `--batch_size` is used when > 1 (its default 1 and "auto" mean fmstack's
-default, 32), and its default device `cuda:0` falls back to cpu on machines without CUDA.
+`compile` (torch.compile the scoring forward; default on, off where $FMSTACK_COMPILE=0). `model_args`
+win over lm-eval's `--batch_size` and `--device`; lm-eval's `--batch_size` is used when > 1 (its
+default 1 and "auto" mean fmstack's default, 32), and its default device `cuda:0` falls back to cpu
+on machines without CUDA.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lm_eval.utils import simple_parse_args_string
 
 from fmstack.errors import ParameterError
 from fmstack.eval.scoring import Scorer, encode_pair
+from fmstack.generation.compile import compile_by_default
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ def rolling_requests(ids: list[int], max_length: int) -> list[tuple[list[int], l
 
 class FmstackLM(LM):
     def __init__(self, model: str | None = None, dtype: str = "fp32", device: str | None = None,
-                 batch_size: int | str | None = None, max_length: int | None = None, compile: bool = False,
-                 max_batch_size: int | None = None, **unused):
+                 batch_size: int | str | None = None, max_length: int | None = None,
+                 compile: bool | str | None = None, max_batch_size: int | None = None, **unused):
         super().__init__()
         from fmstack.checkpoints.named import DEFAULT_MODEL
         from fmstack.loading import load_model
@@ -79,7 +81,8 @@ class FmstackLM(LM):
         self.max_length = int(max_length or self.loaded.config.max_seq_len)
         self.batch_size = batch_size
         self._device = torch.device(device)
-        self.scorer = Scorer(self.model, batch_size=batch_size, max_length=self.max_length, compile=_flag(compile))
+        self.scorer = Scorer(self.model, batch_size=batch_size, max_length=self.max_length,
+                             compile=compile_by_default() if compile is None else _flag(compile))
         self._generator = None
 
     @classmethod

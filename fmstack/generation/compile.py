@@ -19,6 +19,7 @@ persists across processes: the next process loads it instead of lowering and bui
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import torch
@@ -26,7 +27,17 @@ import torch
 from fmstack.backends import GEMV_MAX_ROWS, LoggedCompile, decode_compile_kwargs, recompile_limit
 from fmstack.backends.compile import CompileStore
 
-__all__ = ["GEMV_MAX_ROWS", "compile_decode", "compile_prefill", "with_recompile_limit"]
+__all__ = ["COMPILE_ENV", "GEMV_MAX_ROWS", "compile_by_default", "compile_decode", "compile_prefill",
+           "with_recompile_limit"]
+
+COMPILE_ENV = "FMSTACK_COMPILE"
+
+
+def compile_by_default() -> bool:
+    """Whether what compiles by default (the generate/eval/bench commands, the lm-eval model) does:
+    yes unless `$FMSTACK_COMPILE` is "0" (a test suite or script of many one-off runs turns it off
+    once, instead of passing --no-compile everywhere)."""
+    return os.environ.get(COMPILE_ENV, "1") != "0"
 
 
 def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,

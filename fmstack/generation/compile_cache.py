@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fmstack.backends.inductor import set_cache_dir, user_cache_dir
 from fmstack.checkpoints.named import cache_dir
 from fmstack.quant import spec_of
 
@@ -39,6 +40,22 @@ SUFFIX = ".bin"
 def compile_cache_dir() -> Path:
     """`<fmstack cache dir>/compile` ($FMSTACK_CACHE_DIR, else ~/.cache/fmstack: `checkpoints.named.cache_dir`)."""
     return cache_dir() / "compile"
+
+
+def kernel_cache_dir() -> Path:
+    """Where Inductor keeps its caches (FX graphs, AOTAutograd entries, the built `.so` libraries):
+    `$TORCHINDUCTOR_CACHE_DIR` where the user set it, else `<fmstack cache dir>/inductor`, so that a
+    compiled step's libraries persist next to its bundle (Inductor's default, /tmp/torchinductor_<user>,
+    is wiped with /tmp, and without the libraries a later process builds the C++ again)."""
+    user = user_cache_dir()
+    return Path(user) if user else cache_dir() / "inductor"
+
+
+def use_kernel_cache_dir() -> Path:
+    """Point Inductor at `kernel_cache_dir()` for this process and return it."""
+    path = kernel_cache_dir()
+    set_cache_dir(path)
+    return path
 
 
 def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
@@ -63,6 +80,11 @@ class CompileCache:
         self.fingerprint = fingerprint
         self.root = root or compile_cache_dir()
         self.loaded: set[Path] = set()
+        self.inductor_dir = use_kernel_cache_dir()
+
+    def where(self) -> str:
+        """The cache's directories, for the compile log lines."""
+        return f"{self.root} (Inductor: {self.inductor_dir})"
 
     @classmethod
     def for_model(cls, model: nn.Module, dtype: torch.dtype, root: Path | None = None) -> "CompileCache":
@@ -128,10 +150,11 @@ def cache_entries(root: Path | None = None) -> list[dict[str, Any]]:
 
 
 def clear_cache(root: Path | None = None) -> int:
-    """Delete `root` (default `compile_cache_dir()`) and everything in it; returns the bytes freed."""
-    root = root or compile_cache_dir()
-    if not root.is_dir():
-        return 0
-    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    shutil.rmtree(root)
+    """Delete `root` (default `compile_cache_dir()`, and fmstack's own Inductor directory with it) and
+    everything in it; returns the bytes freed. A user-set `$TORCHINDUCTOR_CACHE_DIR` is left alone."""
+    roots = [root] if root is not None else [compile_cache_dir()] + ([] if user_cache_dir() else [kernel_cache_dir()])
+    freed = 0
+    for r in (r for r in roots if r.is_dir()):
+        freed += sum(p.stat().st_size for p in r.rglob("*") if p.is_file())
+        shutil.rmtree(r)
     return freed

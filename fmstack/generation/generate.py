@@ -4,6 +4,7 @@ detokenization."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class Generator:
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
         self.sdpa_backends = sdpa_backends(sdpa_backend, self.device, masked=True)  # the cache masks
+        self._auto_sdpa = sdpa_backend == "auto"
         if compile and not model.compiles_whole:  # a StagedCausalLM: its communication cannot be
             model.compile_stage()  # traced, so it compiles its own layers instead
             compile = False
@@ -126,12 +128,18 @@ class Generator:
             self._logits_many = compile_prefill(self._logits_impl, "forward", store)
 
     # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
+    def _sdpa_choice(self) -> contextlib.AbstractContextManager:
+        """`--sdpa-backend` around a model call: 'auto' leaves torch's choice alone (no context: in a
+        compiled step `sdpa_kernel` is a call into torch.nn.attention, which keeps AOTAutograd's cache
+        from storing the graph), a named backend restricts SDPA to it."""
+        return contextlib.nullcontext() if self._auto_sdpa else sdpa_kernel(self.sdpa_backends)
+
     def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
                       top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
                       scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
         """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
         scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
-        with sdpa_kernel(self.sdpa_backends):
+        with self._sdpa_choice():
             logits = adjust_logits(self.model(tokens, positions, cache, last_only=True)[:, -1], scale, add)
         return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
 
@@ -140,12 +148,12 @@ class Generator:
                      scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
         """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
         scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
-        with sdpa_kernel(self.sdpa_backends):
+        with self._sdpa_choice():
             logits = adjust_logits(self.model(tokens, positions, cache)[:, -1], scale, add)
         return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
 
     def _logits_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
-        with sdpa_kernel(self.sdpa_backends):
+        with self._sdpa_choice():
             return self.model(tokens, positions, cache)
 
     def decode_sdpa_backend(self, batch_size: int, seq_len: int) -> str:

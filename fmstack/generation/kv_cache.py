@@ -62,9 +62,45 @@ class PaddedKVCache(LayerKVBuffers):
             self.pad.copy_(pad)
 
 
+def attend_static(k_cache: Tensor, v_cache: Tensor, pad: Tensor, sliding_window: int | None, q: Tensor, k: Tensor,
+                  v: Tensor, positions: Tensor) -> Tensor:
+    """Write k/v `[B, Hkv, T, D]` at slots `positions + pad` of one layer's `k_cache`/`v_cache`
+    `[B', Hkv, S, D]` (the first B rows are used), then attend q over the whole cache."""
+    B = q.shape[0]
+    pad = pad[:B]
+    if B != k_cache.shape[0]:
+        k_cache, v_cache = k_cache[:B], v_cache[:B]
+    slots = positions + pad[:, None]  # [B, T]
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, :, slots] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D] into [B, Hkv, S, D]
+    v_cache[rows, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
+    key_slots = torch.arange(k_cache.shape[2], device=q.device)
+    q_slots = slots[:, None, :, None]  # [B, 1, T, 1]
+    visible = causal_window_mask(key_slots, q_slots, sliding_window)  # slot - pad = position
+    visible = visible & ((key_slots >= pad[:, None, None, None]) | (key_slots == q_slots))
+    return sdpa(q, k_cache, v_cache, mask=visible)
+
+
+class StaticLayer(nn.Module):
+    """One layer of a `StaticKVCache` as a module of its own (`models.llama.LayerCache`): its k/v
+    buffers and the cache's `pad`, shared, not copied. Every layer's view has the same structure, so a
+    compile region over the blocks (`models.llama.run_block`) traces and builds one block for all."""
+
+    def __init__(self, k: Tensor, v: Tensor, pad: Tensor, sliding_window: int | None):
+        super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.register_buffer("pad", pad, persistent=False)
+        self.sliding_window = sliding_window
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return attend_static(self.k, self.v, self.pad, self.sliding_window, q, k, v, positions)
+
+
 class StaticKVCache(PaddedKVCache):
     """k, v `[B, Hkv, S, D]` per layer (see the module docstring). `reset` needs no clearing of the
-    old K/V: slots not yet written are masked out."""
+    old K/V: slots not yet written are masked out. `layer_views`: one `StaticLayer` per layer (a
+    tuple, not submodules: the buffers are the cache's own); None for sliding-window models."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -72,20 +108,13 @@ class StaticKVCache(PaddedKVCache):
         shape = (batch_size, n_kv_heads or config.n_kv_heads, max_seq_len, config.head_dim)
         super().__init__(config, batch_size, max_seq_len, shape, n_layers or config.n_layers, dtype, device)
         self.sliding_window = config.sliding_window
+        # No views with a sliding window: torch 2.13's Dynamo fails on that region in the dynamic-length
+        # prefill (InternalTorchDynamoError KeyError, tests/models/test_families.py mistral); those
+        # models compile every layer inline, as before
+        self.layer_views = None if self.sliding_window is not None else tuple(
+            StaticLayer(*LayerKVBuffers.layer_kv(self, i), self.pad, self.sliding_window) for i in range(self.n_layers))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k/v `[B, Hkv, T, D]` at slots `positions + pad`, then attend q over the whole cache."""
-        B = q.shape[0]
         k_cache, v_cache = self.layer_kv(layer)
-        pad = self.pad[:B]
-        if B != self.batch_size:
-            k_cache, v_cache = k_cache[:B], v_cache[:B]
-        slots = positions + pad[:, None]  # [B, T]
-        rows = torch.arange(B, device=q.device)[:, None]
-        k_cache[rows, :, slots] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D] into [B, Hkv, S, D]
-        v_cache[rows, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
-        key_slots = torch.arange(self.max_seq_len, device=q.device)
-        q_slots = slots[:, None, :, None]  # [B, 1, T, 1]
-        visible = causal_window_mask(key_slots, q_slots, self.sliding_window)  # slot - pad = position
-        visible = visible & ((key_slots >= pad[:, None, None, None]) | (key_slots == q_slots))
-        return sdpa(q, k_cache, v_cache, mask=visible)
+        return attend_static(k_cache, v_cache, self.pad, self.sliding_window, q, k, v, positions)

@@ -6,7 +6,12 @@ D head_dim, V vocab. Positions are absolute RoPE positions `[B, T]` (int64).
 Attention goes through one small interface, `AttentionCache.attend`: the cache stores the new
 keys/values where `positions` say and returns the attention output. The static cache
 (generation), the paged cache (serving) and ring attention (context parallel) implement it;
-`cache=None` means plain causal attention over the call's own tokens.
+`cache=None` means plain causal attention over the call's own tokens. A block sees one layer of it
+(`LayerCache`: `CacheLayer(cache, layer)`, or the cache's own `layer_views`). A cache with
+`layer_views` (per-layer modules that hold that layer's K/V tensors) gets the blocks run as one
+compile region (`fmstack.backends.compile_region`): every block is then the same graph with other
+tensors, so torch.compile traces and builds one block for all layers instead of each layer anew
+(see docs/compile.md for the measured compile times).
 Projections are fused (`wqkv`, `w_gate_up`) so batch-1 decode runs 4 GEMVs per layer, not 7.
 
 Other LLaMA-shaped families are config fields on this one model, not subclasses (defaults = LLaMA):
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fmstack.backends import compile_region
 from fmstack.config import ModelConfig
 from fmstack.models.moe import MoEFeedForward
 
@@ -43,6 +49,29 @@ class AttentionCache(Protocol):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q `[B, H, T, D]`, k/v `[B, Hkv, T, D]` (RoPE applied), positions `[B, T]` -> `[B, H, T, D]`."""
         ...
+
+
+class LayerCache(Protocol):
+    """One layer of an `AttentionCache`, what a block attends through."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor: ...
+
+
+class CacheLayer:
+    """Layer `layer` of `cache`: `attend(q, k, v, positions)` is `cache.attend(layer, q, k, v, positions)`."""
+
+    __slots__ = ("cache", "layer")
+
+    def __init__(self, cache: AttentionCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return self.cache.attend(self.layer, q, k, v, positions)
+
+
+def layer_cache(cache: AttentionCache | None, layer: int) -> LayerCache | None:
+    """What block `layer` attends through: None (no cache) or `CacheLayer(cache, layer)`."""
+    return None if cache is None else CacheLayer(cache, layer)
 
 
 def fold_gqa(q: Tensor, n_kv_heads: int) -> Tensor:
@@ -192,7 +221,7 @@ class Attention(nn.Module):
         self.q_scale = None if m is None else m * math.sqrt(config.head_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                cache: AttentionCache | None) -> Tensor:
+                cache: LayerCache | None) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x)
@@ -213,7 +242,7 @@ class Attention(nn.Module):
             pos = torch.arange(T, device=q.device)
             out = sdpa(q, k, v, mask=causal_window_mask(pos, pos[:, None], self.sliding_window))
         else:
-            out = cache.attend(self.layer, q, k, v, positions)
+            out = cache.attend(q, k, v, positions)
         return self.wo(out.transpose(1, 2).reshape(B, T, q_dim))
 
 
@@ -241,12 +270,19 @@ class Block(nn.Module):
         self.residual_multiplier = config.residual_multiplier  # Granite scales each branch; 1.0 elsewhere
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                cache: AttentionCache | None) -> Tensor:
+                cache: LayerCache | None) -> Tensor:
         m = self.residual_multiplier
         attn = self.attn(self.attn_norm(x), cos, sin, positions, cache)
         x = x + (attn if m == 1.0 else attn * m)
         mlp = self.mlp(self.mlp_norm(x))
         return x + (mlp if m == 1.0 else mlp * m)
+
+
+@compile_region
+def run_block(block: Block, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache: LayerCache) -> Tensor:
+    """`block(...)` as a compile region: under torch.compile every call with the same shapes reuses
+    one traced and built graph (eager: a plain call)."""
+    return block(x, cos, sin, positions, cache)
 
 
 class Transformer(nn.Module):
@@ -290,8 +326,12 @@ class Transformer(nn.Module):
         x = scale_embeddings(self.embed(tokens), self.config)
         inv_freq = rope_inv_freq(self.config, device=tokens.device)
         cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)
-        for block in self.layers:
-            x = block(x, cos, sin, positions, cache)
+        views = getattr(cache, "layer_views", None)
+        for i, block in enumerate(self.layers):
+            if views is None:
+                x = block(x, cos, sin, positions, layer_cache(cache, block.attn.layer))
+            else:  # the layer's K/V as module inputs: one compiled block graph serves every layer
+                x = run_block(block, x, cos, sin, positions, views[i])
         return self.norm(x)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: AttentionCache | None = None,

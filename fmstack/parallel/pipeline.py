@@ -26,7 +26,8 @@ from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
 from fmstack.generation.kv_cache import StaticKVCache
 from fmstack.models.build import build_meta, materialize_meta
-from fmstack.models.llama import Transformer, rope_cos_sin, rope_inv_freq, scale_embeddings, scale_logits
+from fmstack.models.llama import (Transformer, layer_cache, rope_cos_sin, rope_inv_freq, scale_embeddings,
+                                  scale_logits)
 from fmstack.parallel.dist import DistInfo, fault_point
 from fmstack.parallel.plan import WholeTensors, chunk
 
@@ -137,7 +138,7 @@ class PipelineModel(nn.Module):
     def _layers(self, x: Tensor, positions: Tensor, cache) -> Tensor:
         cos, sin = rope_cos_sin(rope_inv_freq(self.config, device=x.device), positions, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, positions, cache)
+            x = block(x, cos, sin, positions, layer_cache(cache, block.attn.layer))
         return self.norm(x) if self.last else x
 
     def _device(self) -> torch.device:

@@ -62,6 +62,33 @@ def test_compiled_logits_equal_eager(tiny):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_compile_as_one_region_reused_for_every_layer(tiny):
+    """With the static cache every block is a call of one traced region (the layer's K/V are inputs,
+    not an index): Dynamo traces the block once, and the graph equals eager, cache writes included."""
+    from fmstack.generation.kv_cache import StaticKVCache
+
+    graphs = []
+
+    def record(gm, example_inputs):  # no Inductor: what Dynamo traced, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    tokens = torch.tensor([[5, 6, 7]])
+    positions = torch.arange(3)[None]
+    caches = [StaticKVCache(tiny.config, 1, 16) for _ in range(2)]
+    with torch.no_grad():
+        got = torch.compile(tiny, backend=record, fullgraph=True)(tokens, positions, caches[0])
+        expected = tiny(tokens, positions, caches[1])
+    [gm] = graphs
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == tiny.config.n_layers
+    assert len({n.args[0].target for n in calls}) == 1  # one block graph, called for each layer
+    torch.testing.assert_close(got, expected)
+    for layer in range(tiny.config.n_layers):
+        torch.testing.assert_close(caches[0].layer_kv(layer), caches[1].layer_kv(layer))
+
+
 def test_sdpa_backend_validation():
     assert len(sdpa_backends("auto", torch.device("cpu"))) == 4
     with pytest.raises(ParameterError, match="needs CUDA"):
@@ -217,3 +244,19 @@ def test_speculative_decoding_never_feeds_a_step_output_back(tiny):
         g._logits_many = rec.wrap(f"{name} many", g._logits_many)
     SpeculativeGenerator(target, draft, 3).generate([5, 6, 7], SamplingParams(max_new_tokens=12))
     assert rec.calls > 4 and rec.reused == []
+
+
+def test_generate_eval_and_bench_compile_by_default(monkeypatch):
+    """Compiled is the default of the commands (CPU included); --no-compile and $FMSTACK_COMPILE=0 turn it
+    off. (The test session sets FMSTACK_COMPILE=0: one-off compiles in every CLI test would cost minutes.)"""
+    from fmstack.cli import build_parser
+
+    monkeypatch.delenv("FMSTACK_COMPILE", raising=False)
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["eval", "perplexity", "--text", "t.txt"],
+                 ["eval", "hellaswag", "--data", "d.jsonl"], ["bench"]):
+        assert parser.parse_args(argv).compile is True, argv
+    assert parser.parse_args(["generate", "--no-compile", "hi"]).compile is False
+    monkeypatch.setenv("FMSTACK_COMPILE", "0")
+    assert build_parser().parse_args(["generate", "hi"]).compile is False
+    assert build_parser().parse_args(["generate", "--compile", "hi"]).compile is True

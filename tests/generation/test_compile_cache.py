@@ -1,7 +1,8 @@
 """The persistent compile cache (`fmstack.generation.compile_cache`): a second process loads a
 compiled step instead of lowering and building it again, a changed key misses, a corrupt entry is
-rebuilt with one warning. Each run is a fresh process with its own empty Inductor cache directory,
-so only fmstack's compile cache can carry a compiled graph from one to the next."""
+rebuilt with one warning. Each run is a fresh process: the first two keep Inductor's directory in
+fmstack's cache (the warm start: AOTAutograd's cache hits, no C++ is built), the others have their own
+empty Inductor directory, so only fmstack's bundle can carry a compiled graph to them."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ print(json.dumps({"ids": [r.token_ids for r in out], **cache_counters()}))
 """
 
 
-def run(tmp_path: Path, name: str, batch: int) -> tuple[dict, str]:
+def run(tmp_path: Path, name: str | None, batch: int) -> tuple[dict, str]:
+    """RUN in a fresh process with fmstack's cache under tmp_path and Inductor's in `inductor-<name>`
+    (name None: Inductor's directory is not set, so fmstack puts it in its own cache)."""
     env = {**os.environ, "FMSTACK_CACHE_DIR": str(tmp_path / "fmstack"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    if name is None:
+        del env["TORCHINDUCTOR_CACHE_DIR"]
     done = subprocess.run([sys.executable, "-c", RUN, str(batch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,12 +48,20 @@ def run(tmp_path: Path, name: str, batch: int) -> tuple[dict, str]:
 
 
 def test_second_process_loads_instead_of_compiling_and_a_key_change_misses(tmp_path):
-    cold, _ = run(tmp_path, "cold", 1)
+    cold, _ = run(tmp_path, None, 1)
     assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0
     entries = cache_entries(tmp_path / "fmstack" / "compile")
     assert len(entries) == 1 and entries[0]["key"]["shape"] == ["batch 1", "greedy"]
+    libraries = sorted((tmp_path / "fmstack" / "inductor").rglob("*.so"))
+    assert libraries  # Inductor's built kernels live in fmstack's cache
 
-    warm, _ = run(tmp_path, "warm", 1)
+    again, _ = run(tmp_path, None, 1)  # the warm start: AOTAutograd's cache hits, no C++ is built
+    assert again["ids"] == cold["ids"]
+    assert again["autograd_cache_hit"] >= 1 and again["autograd_cache_miss"] == 0
+    assert again["fxgraph_cache_miss"] == 0
+    assert sorted((tmp_path / "fmstack" / "inductor").rglob("*.so")) == libraries
+
+    warm, _ = run(tmp_path, "warm", 1)  # an empty Inductor directory: the bundle alone carries the graphs
     assert warm["ids"] == cold["ids"]
     # hits only: nothing lowered, generated or built again (AOTAutograd's cache hits where it is used;
     # otherwise Inductor's FX graph cache does)
@@ -67,12 +80,13 @@ def test_second_process_loads_instead_of_compiling_and_a_key_change_misses(tmp_p
     assert path.stat().st_size > len(b"not a bundle")  # compiled again and saved
 
 
-def test_key_covers_dtype_quantization_and_step(tmp_path):
+def test_key_covers_dtype_quantization_config_torch_isa_and_step(tmp_path):
     import copy
 
     from fmstack.quant import QuantSpec, quantize_model
 
     model = load_model("random:tiny-gqa", seed=0).model
+    other_config = load_model("random:tiny-mha", seed=0).model
     base = CompileCache.for_model(model, torch.float32, tmp_path)
     paths = {base.path("decode step", ("batch 1", "greedy")),
              base.path("decode step", ("batch 2", "greedy")),
@@ -80,9 +94,12 @@ def test_key_covers_dtype_quantization_and_step(tmp_path):
              base.path("prefill", ("batch 1", "greedy")),
              CompileCache.for_model(model, torch.bfloat16, tmp_path).path("decode step", ("batch 1", "greedy")),
              CompileCache.for_model(quantize_model(copy.deepcopy(model), QuantSpec("int8")), torch.float32, tmp_path)
-             .path("decode step", ("batch 1", "greedy"))}
-    assert len(paths) == 6
+             .path("decode step", ("batch 1", "greedy")),
+             CompileCache.for_model(other_config, torch.float32, tmp_path).path("decode step", ("batch 1", "greedy"))}
     fingerprint = model_fingerprint(model, torch.float32)
+    for field, value in (("torch", "2.99.0"), ("isa", "NO-ISA")):
+        paths.add(CompileCache({**fingerprint, field: value}, tmp_path).path("decode step", ("batch 1", "greedy")))
+    assert len(paths) == 9
     assert fingerprint["torch"] == torch.__version__ and fingerprint["isa"]
     assert base.path("prefill", ("batch 1",)) == CompileCache(fingerprint, tmp_path).path("prefill", ("batch 1",))
 
