@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -63,7 +64,7 @@ def main() -> None:
 
     from fmstack.checkpoints.named import DEFAULT_MODEL, resolve_model_path
     from fmstack.eval import hellaswag as hs
-    from fmstack.eval.scoring import Scorer
+    from fmstack.eval.scoring import Score, Scorer
     from fmstack.loading import load_model
 
     path = resolve_model_path(DEFAULT_MODEL)
@@ -81,7 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = scorer.score(requests)
         sync()
-        return time.perf_counter() - t0, [s.logprob for s in scores], scorer.stats
+        return time.perf_counter() - t0, scores, scorer.stats
 
     def run_hf():
         sync()
@@ -90,17 +91,22 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0, [x for r in ll for x in r]
 
+    load_start = os.getloadavg()
     run_fmstack(), hf_score_rows(hf, rows[:2], args.device)  # warm-up (and compile)
     fm_s, hf_s = [], []
     for rep in range(args.repeats):
-        t, fm_ll, stats = run_fmstack()
+        t, fm_scores, stats = run_fmstack()
         fm_s.append(t)
         t, hf_ll = run_hf()
         hf_s.append(t)
         print(f"repeat {rep}: fmstack {fm_s[-1]:.2f}s  hf {hf_s[-1]:.2f}s", file=sys.stderr)
     n = len(examples)
+    fm_ll = [s.logprob for s in fm_scores]
+    hf_scores = [Score(x, False, len(k)) for x, (_, k) in zip(hf_ll, requests)]
     max_diff = max(abs(a - b) for a, b in zip(fm_ll, hf_ll))
     pred_agree = sum(hs._argmax(fm_ll[4 * i:4 * i + 4]) == hs._argmax(hf_ll[4 * i:4 * i + 4]) for i in range(n)) / n
+    norm_agree = sum(r.pred_norm == h.pred_norm for r, h in zip(hs.score_examples(examples, fm_scores),
+                                                               hs.score_examples(examples, hf_scores))) / n
 
     def summary(times):
         rps = sorted(n / t for t in times)
@@ -117,13 +123,15 @@ def main() -> None:
                     "forwards": stats.forwards},
         "hf": {**ref, "padded_tokens": hf_tokens},
         "speedup": round(fm["rows_per_s"] / ref["rows_per_s"], 2),
-        "max_abs_loglik_diff": max_diff, "pred_agreement": pred_agree,
+        "max_abs_loglik_diff": max_diff, "pred_agreement": pred_agree, "pred_norm_agreement": norm_agree,
+        "load_avg_start": list(load_start), "load_avg_end": list(os.getloadavg()),
     }
     print(f"{'':10s} {'rows/s (median)':>16s} {'min':>8s} {'max':>8s} {'tokens run':>11s}")
     print(f"{'fmstack':10s} {fm['rows_per_s']:16.2f} {fm['min']:8.2f} {fm['max']:8.2f} {stats.padded_tokens:11d}")
     print(f"{'hf':10s} {ref['rows_per_s']:16.2f} {ref['min']:8.2f} {ref['max']:8.2f} {hf_tokens:11d}")
     print(f"speedup {result['speedup']:.2f}x over {n} rows, {args.repeats} repeats; "
-          f"max |loglik diff| {max_diff:.2e}; pred agreement {pred_agree:.3f}")
+          f"max |loglik diff| {max_diff:.2e}; pred agreement acc {pred_agree:.3f}, acc_norm {norm_agree:.3f}; "
+          f"load average {load_start[0]:.2f} -> {result['load_avg_end'][0]:.2f}")
     out = Path(args.output or ROOT / "benchmarks" / "results" / f"hellaswag_{args.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -80,9 +80,9 @@ def test_packed_window_mask_counts_plain_positions():
     continuation (packed columns 4-6), and no row is fully masked."""
     segments = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, -1]])
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 4, 5, 6]])
-    mask = packed_mask(segments, positions, window=3)[0, 0]
+    mask = packed_mask(segments, positions=positions, window=3)[0, 0]
     assert mask[7].nonzero().flatten().tolist() == [2, 3, 7]
     assert mask[6].nonzero().flatten().tolist() == [4, 5, 6]
     assert mask.any(-1).all()
-    assert torch.equal(packed_mask(segments, positions, None), packed_mask(segments))
+    assert torch.equal(packed_mask(segments, positions=positions), packed_mask(segments))
 

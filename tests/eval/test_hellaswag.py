@@ -90,6 +90,37 @@ def test_packed_scoring_equals_plain_forward(ours):
     assert abs(cut.logprob - Scorer(model).score([(keep, reqs[0][1])])[0].logprob) < 1e-4
 
 
+def test_several_groups_share_a_row(ours):
+    """Short groups fill the room a long group's row leaves; each still sees only its own context."""
+    tok, model = ours.tokenizer, ours.model
+    long_ctx = tok.encode("A long story about a lighthouse keeper who climbed the stairs every single evening")
+    reqs = [(long_ctx, tok.encode(" to light the lamp for the ships at sea.")), (long_ctx, tok.encode(" and sang."))]
+    for i, text in enumerate(["Hi", "The dog", "Rain fell"]):
+        ctx = tok.encode(text)
+        reqs += [(ctx, tok.encode(" over the hills")), (ctx, tok.encode(f" {i} times"))]
+    scorer = Scorer(model, batch_size=2)  # two rows: the long group's, and one holding the 3 short groups
+    scores = scorer.score(reqs)
+    assert scorer.stats.forwards == 1 and scorer.stats.padded_tokens == 2 * (len(long_ctx) + 10 + 1)
+    with torch.no_grad():
+        for (c, k), s in zip(reqs, scores):
+            logp = model(torch.tensor([c + k]))[0].float().log_softmax(-1)
+            rows = torch.arange(len(c) - 1, len(c) + len(k) - 1)
+            assert abs(logp[rows, torch.tensor(k)].sum().item() - s.logprob) < 1e-3
+            assert s.greedy == bool((logp[rows].argmax(-1) == torch.tensor(k)).all())
+
+
+def test_packed_mask_groups():
+    """Two groups in one row (context 0, continuations 1, 2; padding -1): nothing crosses a group."""
+    from fmstack.eval.scoring import packed_mask
+
+    seg = torch.tensor([[0, 0, 1, 2, 0, 1, -1]])
+    grp = torch.tensor([[0, 0, 0, 0, 1, 1, -1]])
+    m = packed_mask(seg, grp)[0, 0]
+    assert m[3].tolist() == [True, True, False, True, False, False, False]  # own context and itself
+    assert m[5].tolist() == [False] * 4 + [True, True, False]  # the second group sees only itself
+    assert m[6].tolist() == [False] * 6 + [True]  # padding: itself only, never an empty row
+
+
 # -- preprocessing and request building on hand-made rows -------------------------------------------
 def row(**kw):
     base = dict(ind=1, activity_label="Act", ctx_a="Ctx a.", ctx_b="", label=0, endings=["x", "y", "z", "w"])
