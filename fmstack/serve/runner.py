@@ -10,17 +10,27 @@ per-request state; seeded requests bring their own `torch.Generator` on the sequ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
-from fmstack.backends import maybe_mark_dynamic
+from fmstack.backends import maybe_mark_dynamic, raise_recompile_limit
+from fmstack.backends.compile import step_key
+from fmstack.errors import ParameterError
+from fmstack.generation.compile import compile_decode, compile_prefill
+from fmstack.generation.compile_cache import CompileCache
 from fmstack.generation.sampling import logit_adjustments, sample_rows
 from fmstack.generation.structured import apply_masks
-from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
+from fmstack.models.llama import scale_logits
+from fmstack.serve.paged_cache import (NULL_BLOCK, AttnGroup, DecodeMeta, PagedKVCache, StepMeta, build_decode,
+                                       build_group)
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
+
+DECODE_STEP = "engine decode step"  # the compile cache's name for the decode graphs
 
 
 @dataclass
@@ -35,15 +45,76 @@ class StepInputs:
     first_row: list[int]
 
 
-class ModelRunner:
-    """Forward + sampling for the engine over one `PagedKVCache`."""
+def padding_chunks(block_size: int) -> list[ScheduledChunk]:
+    """Chunks of a flattened step that touch only the null block (positions from 0 over null-block
+    tables): three one-token chunks and two prefill chunks of Q and Q - 1 tokens, Q chosen so that
+    every size of the step (sequences per group, Q, tokens, logit rows, key lengths) differs."""
+    def key_len(n: int) -> int:
+        return max(-(-n // block_size), -(-2 // block_size)) * block_size
 
-    def __init__(self, model: nn.Module, cache: PagedKVCache, backends: list, compile: bool = False):
+    for q in itertools.count(6):
+        sizes = {3, 2, q, 3 + 2 * q - 1, 5, key_len(1), key_len(q)}
+        if len(sizes) == 7:
+            break
+    table = (NULL_BLOCK,) * -(-q // block_size)
+    return ([ScheduledChunk(None, 0, (0,), table, False, True)] * 3
+            + [ScheduledChunk(None, 0, (0,) * n, table, False, True) for n in (q, q - 1)])
+
+
+def decode_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes the compiled decode step is built for: powers of two below `max_batch`, then
+    `max_batch` itself (a decode of B sequences runs padded to the smallest bucket >= B)."""
+    if max_batch < 1:
+        raise ParameterError(f"max_batch={max_batch} is invalid: must be >= 1")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_batch)
+
+
+class ModelRunner:
+    """Forward + sampling for the engine over one `PagedKVCache`.
+
+    Two model calls (both compiled with `compile`): a pure-decode step (every chunk one token) runs
+    as a batch `[B, 1]` padded to a bucket of `buckets` (`compile_decode`: static shapes, the same
+    backend `Generator`'s decode uses, one graph per bucket); any other step runs flattened (`[1, T]`,
+    `compile_prefill`: one graph for every size; compiled, its groups are padded so that no size is
+    ever 0 or 1, which Dynamo would specialize on). With `store` each graph persists across
+    processes (`generation.compile_cache`)."""
+
+    def __init__(self, model: nn.Module, cache: PagedKVCache, backends: list, compile: bool = False,
+                 buckets: Sequence[int] = (1,), store: CompileCache | None = None):
         self.model, self.cache, self.backends = model, cache, backends
         self.block_size = cache.block_size
         self.device = next(model.parameters()).device
         self.compiled = compile
-        self._forward = torch.compile(self._forward_impl, fullgraph=True) if compile else self._forward_impl
+        self.buckets = tuple(sorted(buckets)) if compile else ()  # eager: no padding
+        self.store = store
+        self._forward, self._decode_step = self._forward_impl, self._decode_impl
+        if compile:
+            raise_recompile_limit()  # one graph per bucket of this runner's two functions
+            self._forward = compile_prefill(self._forward_impl, "engine step", store)
+            self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model",
+                                               what=DECODE_STEP, store=store)
+
+    def is_stored(self, bucket: int) -> bool:
+        """Whether the compile cache holds the decode graph of `bucket` (a warm start loads it)."""
+        return self.store is not None and self.store.has(DECODE_STEP, step_key((torch.empty(bucket, 1),)))
+
+    @torch.inference_mode()
+    def warm_up(self, buckets: Sequence[int]) -> None:
+        """Run the decode step once per bucket in `buckets` and the flattened step once, on padding
+        rows only (their K/V go to the null block), so that each graph is compiled (or loaded from the
+        store) now. The flattened step's sizes are all distinct and >= 2: Dynamo gives each its own
+        symbol, so no later size combination recompiles it."""
+        dev = self.device
+        for b in buckets:
+            meta = build_decode([], self.block_size, b, dev)
+            maybe_mark_dynamic(meta.kv_slots, 1)
+            zeros = torch.zeros(b, 1, dtype=torch.long, device=dev)
+            self._decode_step(zeros, zeros, self.cache, meta.slot_mapping, meta.kv_slots)
+        self._logits(self.inputs(padding_chunks(self.block_size)))
 
     def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
                       out_index: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]], logit_index: Tensor) -> Tensor:
@@ -51,10 +122,36 @@ class ModelRunner:
         meta = StepMeta(slot_mapping, out_index, tuple(AttnGroup(*g) for g in groups))
         with sdpa_kernel(self.backends):
             h = self.model.hidden_states(tokens, positions, cache.view(meta))
-        return self.model.output(h[0, logit_index]).float()
+        return scale_logits(self.model.output(h[0, logit_index]), self.model.config).float()
 
-    def inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Host-side step inputs: flat tokens/positions, slot mapping, groups, logit rows wanted."""
+    def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
+                     kv_slots: Tensor) -> Tensor:
+        """tokens/positions `[B, 1]` -> logits `[B, V]` (fp32)."""
+        with sdpa_kernel(self.backends):
+            h = self.model.hidden_states(tokens, positions, cache.decode_view(DecodeMeta(slot_mapping, kv_slots)))
+        return scale_logits(self.model.output(h[:, 0]), self.model.config).float()
+
+    def bucket(self, batch: int) -> int:
+        """The decode batch `batch` sequences run as (itself when eager or past the largest bucket)."""
+        return next((b for b in self.buckets if b >= batch), batch)
+
+    def decode_logits(self, chunks: Sequence[ScheduledChunk]) -> Tensor:
+        """A pure-decode step (every chunk one token) -> logits `[len(chunks), V]`, row i of chunk i."""
+        B = len(chunks)
+        Bp = self.bucket(B)
+        pad = Bp - B
+        dev = self.device
+        tokens = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
+        positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
+        meta = build_decode([(c.start, c.block_table) for c in chunks], self.block_size, Bp, dev)
+        if self.compiled:
+            maybe_mark_dynamic(meta.kv_slots, 1)  # the key length: one graph per bucket, not per length
+        return self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)[:B]
+
+    def inputs(self, chunks: Sequence[ScheduledChunk]) -> StepInputs:
+        """Host-side step inputs: flat tokens/positions, slot mapping, groups, logit rows wanted.
+        Compiled, the decode and prefill groups are always both there, each of >= 2 sequences (padding
+        sequences of one token at position 0 that attend to the null block), and >= 2 logit rows."""
         bs = self.block_size
         toks, pos, slots, logit_rows, first_row = [], [], [], [], []
         decode, prefill = [], []
@@ -70,14 +167,19 @@ class ModelRunner:
             elif c.sample:
                 logit_rows.append(off + c.n - 1)
             off += c.n
+        if self.compiled:
+            for group in (decode, prefill):
+                group.extend([(0, 0, 1, ())] * max(0, 2 - len(group)))
+            logit_rows.extend([0] * max(0, 2 - len(logit_rows)))
         groups, out_index, base = [], [0] * off, 0
         for group_chunks in (decode, prefill):
             if not group_chunks:
                 continue
             g = build_group(group_chunks, bs, self.device)
             Q = g.q_index.shape[1]
-            for s, (o, _, n, _) in enumerate(group_chunks):
-                out_index[o:o + n] = range(base + s * Q, base + s * Q + n)
+            for s, (o, _, n, table) in enumerate(group_chunks):
+                if table:  # padding sequences have no table and no tokens of their own
+                    out_index[o:o + n] = range(base + s * Q, base + s * Q + n)
             base += len(group_chunks) * Q
             groups.append(g)
         t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
@@ -96,11 +198,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         """Run the step; every value in the result is on the host."""
-        x = self.inputs(scheduled.chunks)
         out = RunnerOutput()
-        logits = self._logits(x)  # [0, V] when only mid-prompt chunks ran: their K/V is all they leave
+        if all(c.n == 1 for c in scheduled.chunks):  # pure decode: one row of logits per chunk
+            logits = self.decode_logits(scheduled.chunks)
+            first_rows = range(len(scheduled.chunks))
+        else:
+            x = self.inputs(scheduled.chunks)
+            logits = self._logits(x)  # no rows (eager) when only mid-prompt chunks ran: their K/V is all they leave
+            first_rows = x.first_row
         to_sample = []
-        for c, first in zip(scheduled.chunks, x.first_row):
+        for c, first in zip(scheduled.chunks, first_rows):
             if c.all_logits:
                 out.prompt_logprobs[c.seq.id] = self._prompt_logprobs(c, logits[first:first + c.n])
             if c.sample:
