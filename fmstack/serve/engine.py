@@ -91,6 +91,7 @@ class EngineConfig:
     prefix_caching: bool = True
     compile: bool = False
     compile_cache: bool = True  # compiled: keep each graph in fmstack's compile cache (warm restarts)
+    compile_backend: str | None = None  # compiled: another torch.compile backend than fmstack's (tests: "eager")
     sdpa_backend: str = "auto"
     threads: int | None = None  # torch CPU threads of the engine thread (None: torch's default)
 
@@ -157,7 +158,8 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         store = CompileCache.for_model(model, self.dtype) if config.compile and config.compile_cache else None
         self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device, masked=True),
-                                  config.compile, decode_buckets(config.max_num_seqs), store)
+                                  config.compile, decode_buckets(config.max_num_seqs) if config.compile else (), store,
+                                  config.compile_backend)
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.vocab_size = mcfg.vocab_size
         self.seqs: dict[str, Sequence] = {}

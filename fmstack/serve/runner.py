@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
-from fmstack.backends import maybe_mark_dynamic, raise_recompile_limit
+from fmstack.backends import LoggedCompile, maybe_mark_dynamic, raise_recompile_limit
 from fmstack.backends.compile import step_key
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import compile_decode, compile_prefill
@@ -46,19 +46,21 @@ class StepInputs:
 
 
 def padding_chunks(block_size: int) -> list[ScheduledChunk]:
-    """Chunks of a flattened step that touch only the null block (positions from 0 over null-block
-    tables): three one-token chunks and two prefill chunks of Q and Q - 1 tokens, Q chosen so that
+    """Chunks of a flattened step that touch only the null block (null-block tables): three one-token
+    chunks at position d and two prefill chunks of Q and Q - 1 tokens from position p, chosen so that
     every size of the step (sequences per group, Q, tokens, logit rows, key lengths) differs."""
     def key_len(n: int) -> int:
         return max(-(-n // block_size), -(-2 // block_size)) * block_size
 
-    for q in itertools.count(6):
-        sizes = {3, 2, q, 3 + 2 * q - 1, 5, key_len(1), key_len(q)}
-        if len(sizes) == 7:
+    span = range(2 * block_size + 8)
+    for d, p, q in itertools.product(span, span, range(6, 16)):
+        if len({3, 2, q, 3 + 2 * q - 1, 5, key_len(d + 1), key_len(p + q)}) == 7:
             break
-    table = (NULL_BLOCK,) * -(-q // block_size)
-    return ([ScheduledChunk(None, 0, (0,), table, False, True)] * 3
-            + [ScheduledChunk(None, 0, (0,) * n, table, False, True) for n in (q, q - 1)])
+    else:  # unreachable: with d = 0 and p + q past the first blocks every size differs
+        raise RuntimeError(f"no distinct padding sizes for block_size={block_size}")
+    table = (NULL_BLOCK,) * -(-max(d + 1, p + q) // block_size)
+    return ([ScheduledChunk(None, d, (0,), table, False, True)] * 3
+            + [ScheduledChunk(None, p, (0,) * n, table, False, True) for n in (q, q - 1)])
 
 
 def decode_buckets(max_batch: int) -> tuple[int, ...]:
@@ -84,19 +86,26 @@ class ModelRunner:
     processes (`generation.compile_cache`)."""
 
     def __init__(self, model: nn.Module, cache: PagedKVCache, backends: list, compile: bool = False,
-                 buckets: Sequence[int] = (1,), store: CompileCache | None = None):
+                 buckets: Sequence[int] = (), store: CompileCache | None = None, compile_backend: str | None = None):
         self.model, self.cache, self.backends = model, cache, backends
         self.block_size = cache.block_size
         self.device = next(model.parameters()).device
         self.compiled = compile
-        self.buckets = tuple(sorted(buckets)) if compile else ()  # eager: no padding
+        self.buckets = tuple(sorted(buckets))
+        self.padded = compile or bool(self.buckets)  # the padded layouts (eager too when buckets are given)
         self.store = store
         self._forward, self._decode_step = self._forward_impl, self._decode_impl
-        if compile:
-            raise_recompile_limit()  # one graph per bucket of this runner's two functions
+        if compile and compile_backend is not None:  # another torch.compile backend (tests: Dynamo's graphs alone)
+            self._forward = LoggedCompile(self._forward_impl, "engine step", static_tokens=False, fullgraph=True,
+                                          backend=compile_backend)
+            self._decode_step = LoggedCompile(self._decode_impl, DECODE_STEP, fullgraph=True, dynamic=False,
+                                              backend=compile_backend)
+        elif compile:
             self._forward = compile_prefill(self._forward_impl, "engine step", store)
             self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model",
                                                what=DECODE_STEP, store=store)
+        if compile:
+            raise_recompile_limit()  # one graph per bucket: more than Dynamo's default limit of 8 with many
 
     def is_stored(self, bucket: int) -> bool:
         """Whether the compile cache holds the decode graph of `bucket` (a warm start loads it)."""
@@ -112,13 +121,15 @@ class ModelRunner:
         for b in buckets:
             meta = build_decode([], self.block_size, b, dev)
             maybe_mark_dynamic(meta.kv_slots, 1)
-            zeros = torch.zeros(b, 1, dtype=torch.long, device=dev)
-            self._decode_step(zeros, zeros, self.cache, meta.slot_mapping, meta.kv_slots)
+            tokens, positions = (torch.zeros(b, 1, dtype=torch.long, device=dev) for _ in range(2))  # not aliased:
+            self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)  # Dynamo guards on it
         self._logits(self.inputs(padding_chunks(self.block_size)))
 
-    def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
-                      out_index: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]], logit_index: Tensor) -> Tensor:
-        """tokens/positions `[1, T]` -> logits `[N, V]` (fp32) at the flat indices `logit_index [N]`."""
+    def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, logit_index: Tensor,
+                      meta: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]) -> Tensor:
+        """tokens/positions `[1, T]` -> logits `[N, V]` (fp32) at the flat indices `logit_index [N]`;
+        meta: slot_mapping, out_index and each group's (q_index, q_pos, kv_slots) (see `StepMeta`)."""
+        slot_mapping, out_index, groups = meta
         meta = StepMeta(slot_mapping, out_index, tuple(AttnGroup(*g) for g in groups))
         with sdpa_kernel(self.backends):
             h = self.model.hidden_states(tokens, positions, cache.view(meta))
@@ -132,7 +143,7 @@ class ModelRunner:
         return scale_logits(self.model.output(h[:, 0]), self.model.config).float()
 
     def bucket(self, batch: int) -> int:
-        """The decode batch `batch` sequences run as (itself when eager or past the largest bucket)."""
+        """The decode batch `batch` sequences run as (itself without buckets or past the largest one)."""
         return next((b for b in self.buckets if b >= batch), batch)
 
     def decode_logits(self, chunks: Sequence[ScheduledChunk]) -> Tensor:
@@ -167,7 +178,7 @@ class ModelRunner:
             elif c.sample:
                 logit_rows.append(off + c.n - 1)
             off += c.n
-        if self.compiled:
+        if self.padded:
             for group in (decode, prefill):
                 group.extend([(0, 0, 1, ())] * max(0, 2 - len(group)))
             logit_rows.extend([0] * max(0, 2 - len(logit_rows)))
@@ -193,7 +204,7 @@ class ModelRunner:
                 maybe_mark_dynamic(t, dim)
         m = x.meta
         groups = [(g.q_index, g.q_pos, g.kv_slots) for g in m.groups]
-        return self._forward(x.tokens, x.positions, self.cache, m.slot_mapping, m.out_index, groups, x.logit_index)
+        return self._forward(x.tokens, x.positions, self.cache, x.logit_index, (m.slot_mapping, m.out_index, groups))
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
