@@ -1,6 +1,17 @@
 """Runs one engine step on the model: host-built inputs from a `SchedulerOutput` -> one forward over
-all scheduled tokens (prefill chunks and decode tokens flattened into one row, see `paged_cache`),
-logits only where they are needed -> prompt logprobs and sampling -> a `RunnerOutput`.
+all scheduled tokens, logits only where they are needed -> prompt logprobs and sampling -> a
+`RunnerOutput`.
+
+Two layouts (see `paged_cache`): a pure-decode step (every sequence one token, the common step under
+load) is a `[B, 1]` batch; compiled, B is padded to a bucket (1, 2, 4, ..., max_num_seqs) and each
+bucket is a static graph built by `Generator`'s decode compiler (on CPU its matmuls of <= 8 rows
+stream the weights as reductions), so the engine never compiles per batch size: the key length is the
+one symbolic size. Any other step (a prefill chunk among its sequences) is flattened into `[1, T]`
+with every size symbolic: one graph, once its padded layout keeps every size >= 2 and it was first
+traced with all sizes distinct (`warm_up`), since Dynamo specializes sizes 0 and 1 and, at the first
+trace, sizes that happen to be equal. Why: the one flattened graph with sizes marked dynamic
+recompiled for every new batch size a server met (326 s of compiling in the first 16-client pass of
+SmolLM2-135M, issue fast-default), and a dynamic batch cannot take the streaming-reduction matmuls.
 
 Nothing produced by one (possibly compiled) forward is fed to the next: every step's inputs are
 built from host lists, and the output holds host values only (`.tolist()`), so a CUDA-graph replay

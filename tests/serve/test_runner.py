@@ -137,3 +137,15 @@ def test_compiled_engine_equals_eager_engine(tiny):
     compiled, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=20)))
     assert eng.stats().preemptions > 0
     assert tokens_of(compiled) == tokens_of(eager)
+
+
+def test_serve_compiles_by_default_and_no_compile_stays():
+    from fmstack.cli import build_parser
+    from fmstack.commands.common import want_compile
+
+    parser = build_parser()
+    assert want_compile(parser.parse_args(["serve"])) is True
+    assert want_compile(parser.parse_args(["serve", "--no-compile"])) is False
+    assert parser.parse_args(["serve"]).warmup == "cached"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--warmup", "some"])
