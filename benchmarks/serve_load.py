@@ -13,7 +13,7 @@ level, `--threads` threads); build it as the README says, outside the repository
 ceiling of the 16-client figure). Writes benchmarks/results/serve_load_cpu.json with the load
 average at start and end: on a shared machine every figure is an upper bound on the time taken.
 
-    python benchmarks/serve_load.py [--modes eager compiled] [--llama-server /tmp/llama-server] [--bare-step]
+    python -m benchmarks.serve_load [--modes eager compiled] [--llama-server /tmp/llama-server] [--bare-step]
 """
 
 from __future__ import annotations
@@ -132,17 +132,24 @@ def main() -> None:
     if args.llama_server and not os.access(args.llama_server, os.X_OK):
         raise SystemExit(f"--llama-server {args.llama_server}: not an executable file")
     load_start = os.getloadavg()
-    runs = [measure(f"fmstack-{m}", fmstack_cmd(args, free_port(), m == "compiled"), args) for m in args.modes]
-    if args.llama_server:
-        runs.append(measure("llama-server", llama_cmd(args, free_port()), args))
+    runs: list[dict] = []
     out = {"benchmark": "serve_load", "model": args.model, "max_tokens": args.max_tokens,
-           "prompt_words": args.prompt_words, "threads": args.threads, "runs": runs,
-           "bare_step": bare_step(args) if args.bare_step else None,
-           "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cpu_count": os.cpu_count(),
-           "platform": platform.platform(), "note": "shared machine: figures are upper bounds on time, see loadavg"}
+           "prompt_words": args.prompt_words, "threads": args.threads, "runs": runs, "bare_step": None,
+           "loadavg_start": load_start, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+           "note": "shared machine: figures are upper bounds on time, see loadavg"}
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    servers = [(f"fmstack-{m}", lambda m=m: fmstack_cmd(args, free_port(), m == "compiled")) for m in args.modes]
+    if args.llama_server:
+        servers.append(("llama-server", lambda: llama_cmd(args, free_port())))
+    for name, cmd in servers:  # the JSON is rewritten after each server: an interrupted run keeps what it measured
+        runs.append(measure(name, cmd(), args))
+        out["loadavg_end"] = os.getloadavg()
+        path.write_text(json.dumps(out, indent=2))
+    if args.bare_step:
+        out["bare_step"] = bare_step(args)
+        out["loadavg_end"] = os.getloadavg()
+        path.write_text(json.dumps(out, indent=2))
     print(f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'per client':>10} {'TTFT p50':>9} {'start s':>8}")
     for run in runs:
         for r in run["levels"]:

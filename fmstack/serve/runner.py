@@ -22,6 +22,7 @@ per-request state; seeded requests bring their own `torch.Generator` on the sequ
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,8 @@ from fmstack.models.llama import scale_logits
 from fmstack.serve.paged_cache import (NULL_BLOCK, AttnGroup, DecodeMeta, PagedKVCache, StepMeta, build_decode,
                                        build_group)
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 DECODE_STEP = "engine decode step"  # the compile cache's name for the decode graphs
 
@@ -129,11 +132,13 @@ class ModelRunner:
         store) now. The flattened step's sizes are all distinct and >= 2: Dynamo gives each its own
         symbol, so no later size combination recompiles it."""
         dev = self.device
-        for b in buckets:
+        for i, b in enumerate(buckets):
+            log.info("engine warm-up %d/%d: decode batch %d", i + 1, len(buckets) + 1, b)
             meta = build_decode([], self.block_size, b, dev)
             maybe_mark_dynamic(meta.kv_slots, 1)
             tokens, positions = (torch.zeros(b, 1, dtype=torch.long, device=dev) for _ in range(2))  # not aliased:
             self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)  # Dynamo guards on it
+        log.info("engine warm-up %d/%d: prefill step", len(buckets) + 1, len(buckets) + 1)
         self._logits(self.inputs(padding_chunks(self.block_size)))
 
     def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, logit_index: Tensor,
