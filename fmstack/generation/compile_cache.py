@@ -97,6 +97,10 @@ class CompileCache:
         blob = json.dumps(self.key(what, label), sort_keys=True, default=str).encode()
         return self.root / f"{hashlib.sha256(blob).hexdigest()[:32]}{SUFFIX}"
 
+    def has(self, what: str, label: tuple[str, ...]) -> bool:
+        """Whether the step's bundle is there (loaded already, or on disk)."""
+        return self.path(what, label) in self.loaded or self.path(what, label).is_file()
+
     def load(self, what: str, label: tuple[str, ...]) -> bool:
         """Hot-load the step's bundle into torch's caches; False on a miss. A bundle torch cannot
         read is deleted (one warning) and the step compiles as on a miss."""

@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.generation.compile_cache import CompileCache
 from fmstack.generation.generate import sdpa_backends
 from fmstack.generation.stopping import StopChecker
 from fmstack.serve.paged_cache import BlockAllocator, PagedKVCache
 from fmstack.serve.request import (MAX_LOGPROBS, RequestParams, RunnerOutput, SchedulerOutput, Sequence,
                                    TokenLogprob)
-from fmstack.serve.runner import ModelRunner
+from fmstack.serve.runner import ModelRunner, decode_buckets
 from fmstack.serve.scheduler import Scheduler
 from fmstack.serve.speculation import NgramProposer, SpeculationConfig
 
@@ -44,6 +45,8 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "MAX_LOGPROBS", "PromptTooLo
            "RequestParams", "TokenLogprob", "is_fatal"]
 
 log = logging.getLogger(__name__)
+
+WARMUP_CHOICES = ("cached", "all", "none")
 
 
 class QueueFull(FmstackError):
@@ -88,6 +91,8 @@ class EngineConfig:
     max_queue: int = 256
     prefix_caching: bool = True
     compile: bool = False
+    compile_cache: bool = True  # compiled: keep each graph in fmstack's compile cache (warm restarts)
+    compile_backend: str | None = None  # compiled: another torch.compile backend than fmstack's (tests: "eager")
     sdpa_backend: str = "auto"
     threads: int | None = None  # torch CPU threads of the engine thread (None: torch's default)
     speculative: SpeculationConfig | None = None  # prompt-lookup speculation (None: off), see speculation.py
@@ -153,7 +158,10 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.prefix_caching)
         self.cache = PagedKVCache(mcfg, num_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device, masked=True), config.compile)
+        store = CompileCache.for_model(model, self.dtype) if config.compile and config.compile_cache else None
+        self.runner = ModelRunner(model, self.cache, sdpa_backends(config.sdpa_backend, self.device, masked=True),
+                                  config.compile, decode_buckets(config.max_num_seqs) if config.compile else (), store,
+                                  config.compile_backend)
         self.speculator = NgramProposer(config.speculative) if config.speculative is not None else None
         self.eos_ids = set(tokenizer.eos_ids) if tokenizer is not None else set()
         self.vocab_size = mcfg.vocab_size
@@ -258,6 +266,23 @@ class Engine:
             return EngineStats(len(s.running), len(s.waiting), a.num_used, a.num_free, a.num_blocks - 1,
                                self.n_prompt_tokens, self.n_generated, s.n_prefix_hits, s.n_preemptions,
                                dict(self.n_finished), self.n_steps, self.n_failed)
+
+    def warm_up(self, which: str = "cached") -> list[int]:
+        """Compile the step graphs now instead of at the first request that needs each (compiled
+        engines only; padding rows only, which touch no sequence's blocks): `which` "all" every
+        decode bucket, "cached" those already in the compile cache (loading them), "none" nothing;
+        the flattened (prefill) step with either. Returns the decode buckets warmed."""
+        if which not in WARMUP_CHOICES:
+            raise ParameterError(f"warmup={which!r} is invalid: choose one of {', '.join(WARMUP_CHOICES)}")
+        if not self.runner.compiled or which == "none":
+            return []
+        buckets = [b for b in self.runner.buckets if which == "all" or self.runner.is_stored(b)]
+        log.info("warming up the compiled engine: decode batch buckets %s (of %s) and the prefill step",
+                 buckets, list(self.runner.buckets))
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        self.runner.warm_up(buckets)
+        return buckets
 
     # -- background loop ---------------------------------------------------------------------------
     def start(self) -> None:

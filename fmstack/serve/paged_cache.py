@@ -5,8 +5,12 @@ Storage per layer: k, v `[num_blocks * block_size, Hkv, D]`; token position p of
 in slot `block_table[p // block_size] * block_size + p % block_size`. Block 0 is the null block:
 never handed out, it pads block tables (its keys are always masked out).
 
-One engine step runs every scheduled sequence's new tokens flattened into one row `[1, T]` (so the
-projections and MLP see no padding). Attention is gather-based SDPA per *group* of sequences: the
+A pure-decode step (every scheduled sequence brings one token) runs as a batch `[B, 1]`, B padded to
+a bucket (`DecodeMeta`, `PagedDecodeAttention`): a padding row writes its K/V into the null block's
+first slot and attends to that slot alone, so it never touches a real sequence's blocks, and the
+compiled step keeps static shapes per bucket (only the key length L is symbolic).
+A step holding a prefill chunk runs every scheduled sequence's new tokens flattened into one row
+`[1, T]` (so the projections and MLP see no padding). Attention is gather-based SDPA per *group* of sequences: the
 queries of a group are scattered into a padded `[S, H, Q, D]` batch, each sequence's keys/values
 are gathered through its block table into `[S, Hkv, L, D]`, and a position mask
 (key position <= query position) makes it causal. The engine puts decode sequences (Q = 1) and
@@ -162,7 +166,7 @@ def build_group(chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_siz
     sequence -> an `AttnGroup` (host-built index tensors)."""
     S = len(chunks)
     Q = max(n for _, _, n, _ in chunks)
-    n_blocks = max(-(-(p0 + n) // block_size) for _, p0, n, _ in chunks)
+    n_blocks = max(max(-(-(p0 + n) // block_size) for _, p0, n, _ in chunks), -(-2 // block_size))  # L >= 2
     q_index = torch.zeros(S, Q, dtype=torch.long)
     q_pos = torch.zeros(S, Q, dtype=torch.long)
     tables = torch.full((S, n_blocks), NULL_BLOCK, dtype=torch.long)
@@ -175,6 +179,35 @@ def build_group(chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_siz
     offsets = torch.arange(block_size, dtype=torch.long)
     kv_slots = (tables[:, :, None] * block_size + offsets).reshape(S, n_blocks * block_size)
     return AttnGroup(q_index.to(device), q_pos.to(device), kv_slots.to(device))
+
+
+@dataclass
+class DecodeMeta:
+    """A pure-decode step's paged-attention inputs for B rows (padding included): slot_mapping `[B]`
+    (the cache slot of each row's new token), kv_slots `[B, L]` (the cache slot of each key position;
+    null-block slots past a row's table)."""
+
+    slot_mapping: Tensor
+    kv_slots: Tensor
+
+
+def build_decode(rows: Sequence[tuple[int, Sequence[int]]], block_size: int, batch: int,
+                 device: torch.device | str = "cpu") -> DecodeMeta:
+    """rows: (position of the new token, block table) per real sequence -> a `DecodeMeta` of `batch`
+    rows (>= len(rows)). Padding rows write to and read from slot 0 of the null block only (their
+    position is 0, so slot 0 is the one key they see), which no real sequence ever reads."""
+    if batch < len(rows):
+        raise ValueError(f"build_decode: {len(rows)} rows do not fit a batch of {batch}")
+    n_blocks = max(max((p // block_size + 1 for p, _ in rows), default=1), -(-2 // block_size))  # L >= 2: no 0/1
+    tables = torch.full((batch, n_blocks), NULL_BLOCK, dtype=torch.long)
+    slots = torch.full((batch,), NULL_BLOCK * block_size, dtype=torch.long)
+    for r, (pos, table) in enumerate(rows):
+        used = min(len(table), n_blocks)
+        tables[r, :used] = torch.as_tensor(table[:used], dtype=torch.long)
+        slots[r] = table[pos // block_size] * block_size + pos % block_size
+    offsets = torch.arange(block_size, dtype=torch.long)
+    kv_slots = (tables[:, :, None] * block_size + offsets).reshape(batch, n_blocks * block_size)
+    return DecodeMeta(slots.to(device), kv_slots.to(device))
 
 
 class PagedKVCache(LayerKVBuffers):
@@ -193,6 +226,9 @@ class PagedKVCache(LayerKVBuffers):
 
     def view(self, meta: StepMeta) -> "PagedAttention":
         return PagedAttention(self, meta)
+
+    def decode_view(self, meta: DecodeMeta) -> "PagedDecodeAttention":
+        return PagedDecodeAttention(self, meta)
 
 
 class PagedAttention:
@@ -222,3 +258,24 @@ class PagedAttention:
             outs.append(og.transpose(1, 2).reshape(S * Q, og.shape[1], og.shape[3]))
         flat = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sum S*Q, H, D]
         return flat[meta.out_index].permute(1, 0, 2)[None]  # [1, H, T, D]
+
+
+class PagedDecodeAttention:
+    """The model's `AttentionCache` for a pure-decode step `[B, 1]`: writes each row's new K/V into
+    its slot, gathers the row's keys/values through `kv_slots` and attends under a position mask."""
+
+    def __init__(self, cache: PagedKVCache, meta: DecodeMeta):
+        self.cache, self.meta = cache, meta
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q `[B, H, 1, D]`, k/v `[B, Hkv, 1, D]`, positions `[B, 1]` -> `[B, H, 1, D]`."""
+        k_cache, v_cache = self.cache.layer_kv(layer)
+        meta = self.meta
+        k_cache.index_copy_(0, meta.slot_mapping, k[:, :, 0].to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v[:, :, 0].to(v_cache.dtype))
+        kg = k_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+        vg = v_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)
+        key_pos = torch.arange(meta.kv_slots.shape[1], device=q.device)
+        mask = causal_window_mask(key_pos[None, None, None, :], positions[:, None, :, None],
+                                  self.cache.sliding_window)  # [B, 1, 1, L]
+        return sdpa(q, kg, vg, mask=mask)

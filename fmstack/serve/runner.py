@@ -1,6 +1,17 @@
 """Runs one engine step on the model: host-built inputs from a `SchedulerOutput` -> one forward over
-all scheduled tokens (prefill chunks and decode tokens flattened into one row, see `paged_cache`),
-logits only where they are needed -> prompt logprobs and sampling -> a `RunnerOutput`.
+all scheduled tokens, logits only where they are needed -> prompt logprobs and sampling -> a
+`RunnerOutput`.
+
+Two layouts (see `paged_cache`): a pure-decode step (every sequence one token, the common step under
+load) is a `[B, 1]` batch; compiled, B is padded to a bucket (1, 2, 4, ..., max_num_seqs) and each
+bucket is a static graph built by `Generator`'s decode compiler (on CPU its matmuls of <= 8 rows
+stream the weights as reductions), so the engine never compiles per batch size: the key length is the
+one symbolic size. Any other step (a prefill chunk among its sequences) is flattened into `[1, T]`
+with every size symbolic: one graph, once its padded layout keeps every size >= 2 and it was first
+traced with all sizes distinct (`warm_up`), since Dynamo specializes sizes 0 and 1 and, at the first
+trace, sizes that happen to be equal. Why: the one flattened graph with sizes marked dynamic
+recompiled for every new batch size a server met (326 s of compiling in the first 16-client pass of
+SmolLM2-135M, issue fast-default), and a dynamic batch cannot take the streaming-reduction matmuls.
 
 Nothing produced by one (possibly compiled) forward is fed to the next: every step's inputs are
 built from host lists, and the output holds host values only (`.tolist()`), so a CUDA-graph replay
@@ -10,19 +21,32 @@ per-request state; seeded requests bring their own `torch.Generator` on the sequ
 
 from __future__ import annotations
 
+import itertools
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
-from fmstack.backends import maybe_mark_dynamic
+from fmstack.backends import LoggedCompile, maybe_mark_dynamic, raise_recompile_limit
+from fmstack.backends.compile import step_key
+from fmstack.errors import ParameterError
+from fmstack.generation.compile import compile_decode, compile_prefill
+from fmstack.generation.compile_cache import CompileCache
 from fmstack.generation.sampling import logit_adjustments, sample_rows
 from fmstack.generation.structured import apply_masks, fill_masks
-from fmstack.serve.paged_cache import AttnGroup, PagedKVCache, StepMeta, build_group
+from fmstack.models.llama import scale_logits
+from fmstack.serve.paged_cache import (NULL_BLOCK, AttnGroup, DecodeMeta, PagedKVCache, StepMeta, build_decode,
+                                       build_group)
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 from fmstack.serve.speculation import verify_drafts
+
+log = logging.getLogger(__name__)
+
+DECODE_STEP = "engine decode step"  # the compile cache's name for the decode graphs
 
 
 @dataclass
@@ -37,27 +61,127 @@ class StepInputs:
     first_row: list[int]
 
 
-class ModelRunner:
-    """Forward + sampling for the engine over one `PagedKVCache`."""
+def padding_chunks(block_size: int) -> list[ScheduledChunk]:
+    """Chunks of a flattened step that touch only the null block (null-block tables): three one-token
+    chunks at position d and two prefill chunks of Q and Q - 1 tokens from position p, chosen so that
+    every size of the step (sequences per group, Q, tokens, logit rows, key lengths) differs."""
+    def key_len(n: int) -> int:
+        return max(-(-n // block_size), -(-2 // block_size)) * block_size
 
-    def __init__(self, model: nn.Module, cache: PagedKVCache, backends: list, compile: bool = False):
+    span = range(2 * block_size + 8)
+    for d, p, q in itertools.product(span, span, range(6, 16)):
+        if len({3, 2, q, 3 + 2 * q - 1, 5, key_len(d + 1), key_len(p + q)}) == 7:
+            break
+    else:  # unreachable: with d = 0 and p + q past the first blocks every size differs
+        raise RuntimeError(f"no distinct padding sizes for block_size={block_size}")
+    table = (NULL_BLOCK,) * -(-max(d + 1, p + q) // block_size)
+    return ([ScheduledChunk(None, d, (0,), table, False, True)] * 3
+            + [ScheduledChunk(None, p, (0,) * n, table, False, True) for n in (q, q - 1)])
+
+
+def decode_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes the compiled decode step is built for: powers of two below `max_batch`, then
+    `max_batch` itself (a decode of B sequences runs padded to the smallest bucket >= B)."""
+    if max_batch < 1:
+        raise ParameterError(f"max_batch={max_batch} is invalid: must be >= 1")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_batch)
+
+
+class ModelRunner:
+    """Forward + sampling for the engine over one `PagedKVCache`.
+
+    Two model calls (both compiled with `compile`): a pure-decode step (every chunk one token) runs
+    as a batch `[B, 1]` padded to a bucket of `buckets` (`compile_decode`: static shapes, the same
+    backend `Generator`'s decode uses, one graph per bucket); any other step runs flattened (`[1, T]`,
+    `compile_prefill`: one graph for every size; compiled, its groups are padded so that no size is
+    ever 0 or 1, which Dynamo would specialize on). With `store` each graph persists across
+    processes (`generation.compile_cache`)."""
+
+    def __init__(self, model: nn.Module, cache: PagedKVCache, backends: list, compile: bool = False,
+                 buckets: Sequence[int] = (), store: CompileCache | None = None, compile_backend: str | None = None):
         self.model, self.cache, self.backends = model, cache, backends
         self.block_size = cache.block_size
         self.device = next(model.parameters()).device
         self.compiled = compile
         self._mask_pool: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
-        self._forward = torch.compile(self._forward_impl, fullgraph=True) if compile else self._forward_impl
+        self.buckets = tuple(sorted(buckets))
+        self.padded = compile or bool(self.buckets)  # the padded layouts (eager too when buckets are given)
+        self.store = store
+        self._forward, self._decode_step = self._forward_impl, self._decode_impl
+        if compile and compile_backend is not None:  # another torch.compile backend (tests: Dynamo's graphs alone)
+            self._forward = LoggedCompile(self._forward_impl, "engine step", static_tokens=False, fullgraph=True,
+                                          backend=compile_backend)
+            self._decode_step = LoggedCompile(self._decode_impl, DECODE_STEP, fullgraph=True, dynamic=False,
+                                              backend=compile_backend)
+        elif compile:
+            self._forward = compile_prefill(self._forward_impl, "engine step", store)
+            self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model",
+                                               what=DECODE_STEP, store=store)
+        if compile:
+            raise_recompile_limit()  # one graph per bucket: more than Dynamo's default limit of 8 with many
 
-    def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
-                      out_index: Tensor, groups: list[tuple[Tensor, Tensor, Tensor]], logit_index: Tensor) -> Tensor:
-        """tokens/positions `[1, T]` -> logits `[N, V]` (fp32) at the flat indices `logit_index [N]`."""
+    def is_stored(self, bucket: int) -> bool:
+        """Whether the compile cache holds the decode graph of `bucket` (a warm start loads it)."""
+        return self.store is not None and self.store.has(DECODE_STEP, step_key((torch.empty(bucket, 1),)))
+
+    @torch.inference_mode()
+    def warm_up(self, buckets: Sequence[int]) -> None:
+        """Run the decode step once per bucket in `buckets` and the flattened step once, on padding
+        rows only (their K/V go to the null block), so that each graph is compiled (or loaded from the
+        store) now. The flattened step's sizes are all distinct and >= 2: Dynamo gives each its own
+        symbol, so no later size combination recompiles it."""
+        dev = self.device
+        for i, b in enumerate(buckets):
+            log.info("engine warm-up %d/%d: decode batch %d", i + 1, len(buckets) + 1, b)
+            meta = build_decode([], self.block_size, b, dev)
+            maybe_mark_dynamic(meta.kv_slots, 1)
+            tokens, positions = (torch.zeros(b, 1, dtype=torch.long, device=dev) for _ in range(2))  # not aliased:
+            self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)  # Dynamo guards on it
+        log.info("engine warm-up %d/%d: prefill step", len(buckets) + 1, len(buckets) + 1)
+        self._logits(self.inputs(padding_chunks(self.block_size)))
+
+    def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, logit_index: Tensor,
+                      meta: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]) -> Tensor:
+        """tokens/positions `[1, T]` -> logits `[N, V]` (fp32) at the flat indices `logit_index [N]`;
+        meta: slot_mapping, out_index and each group's (q_index, q_pos, kv_slots) (see `StepMeta`)."""
+        slot_mapping, out_index, groups = meta
         meta = StepMeta(slot_mapping, out_index, tuple(AttnGroup(*g) for g in groups))
         with sdpa_kernel(self.backends):
             h = self.model.hidden_states(tokens, positions, cache.view(meta))
-        return self.model.output(h[0, logit_index]).float()
+        return scale_logits(self.model.output(h[0, logit_index]), self.model.config).float()
 
-    def inputs(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        """Host-side step inputs: flat tokens/positions, slot mapping, groups, logit rows wanted."""
+    def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
+                     kv_slots: Tensor) -> Tensor:
+        """tokens/positions `[B, 1]` -> logits `[B, V]` (fp32)."""
+        with sdpa_kernel(self.backends):
+            h = self.model.hidden_states(tokens, positions, cache.decode_view(DecodeMeta(slot_mapping, kv_slots)))
+        return scale_logits(self.model.output(h[:, 0]), self.model.config).float()
+
+    def bucket(self, batch: int) -> int:
+        """The decode batch `batch` sequences run as (itself without buckets or past the largest one)."""
+        return next((b for b in self.buckets if b >= batch), batch)
+
+    def decode_logits(self, chunks: Sequence[ScheduledChunk]) -> Tensor:
+        """A pure-decode step (every chunk one token) -> logits `[len(chunks), V]`, row i of chunk i."""
+        B = len(chunks)
+        Bp = self.bucket(B)
+        pad = Bp - B
+        dev = self.device
+        tokens = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
+        positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
+        meta = build_decode([(c.start, c.block_table) for c in chunks], self.block_size, Bp, dev)
+        if self.compiled:
+            maybe_mark_dynamic(meta.kv_slots, 1)  # the key length: one graph per bucket, not per length
+        return self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)[:B]
+
+    def inputs(self, chunks: Sequence[ScheduledChunk]) -> StepInputs:
+        """Host-side step inputs: flat tokens/positions, slot mapping, groups, logit rows wanted.
+        Compiled, the decode and prefill groups are always both there, each of >= 2 sequences (padding
+        sequences of one token at position 0 that attend to the null block), and >= 2 logit rows."""
         bs = self.block_size
         toks, pos, slots, logit_rows, first_row = [], [], [], [], []
         decode, prefill = [], []
@@ -73,14 +197,19 @@ class ModelRunner:
             elif c.sample:
                 logit_rows.append(off + c.n - 1)
             off += c.n
+        if self.padded:
+            for group in (decode, prefill):
+                group.extend([(0, 0, 1, ())] * max(0, 2 - len(group)))
+            logit_rows.extend([0] * max(0, 2 - len(logit_rows)))
         groups, out_index, base = [], [0] * off, 0
         for group_chunks in (decode, prefill):
             if not group_chunks:
                 continue
             g = build_group(group_chunks, bs, self.device)
             Q = g.q_index.shape[1]
-            for s, (o, _, n, _) in enumerate(group_chunks):
-                out_index[o:o + n] = range(base + s * Q, base + s * Q + n)
+            for s, (o, _, n, table) in enumerate(group_chunks):
+                if table:  # padding sequences have no table and no tokens of their own
+                    out_index[o:o + n] = range(base + s * Q, base + s * Q + n)
             base += len(group_chunks) * Q
             groups.append(g)
         t = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
@@ -94,17 +223,22 @@ class ModelRunner:
                 maybe_mark_dynamic(t, dim)
         m = x.meta
         groups = [(g.q_index, g.q_pos, g.kv_slots) for g in m.groups]
-        return self._forward(x.tokens, x.positions, self.cache, m.slot_mapping, m.out_index, groups, x.logit_index)
+        return self._forward(x.tokens, x.positions, self.cache, x.logit_index, (m.slot_mapping, m.out_index, groups))
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         """Run the step; every value in the result is on the host."""
-        x = self.inputs(scheduled.chunks)
         out = RunnerOutput()
         masks = self._start_masks(scheduled.chunks)
-        logits = self._logits(x)  # [0, V] when only mid-prompt chunks ran: their K/V is all they leave
+        if all(c.n == 1 for c in scheduled.chunks):  # pure decode: one row of logits per chunk
+            logits = self.decode_logits(scheduled.chunks)
+            first_rows = range(len(scheduled.chunks))
+        else:
+            x = self.inputs(scheduled.chunks)
+            logits = self._logits(x)  # no rows (eager) when only mid-prompt chunks ran: their K/V is all they leave
+            first_rows = x.first_row
         to_sample = []
-        for c, first in zip(scheduled.chunks, x.first_row):
+        for c, first in zip(scheduled.chunks, first_rows):
             if c.all_logits:
                 out.prompt_logprobs[c.seq.id] = self._prompt_logprobs(c, logits[first:first + c.n])
             if c.draft:

@@ -35,6 +35,8 @@ class ServerProcess:
         self._log = open(log_path, "w")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         env.pop("FMSTACK_API_KEY", None)
+        if not {"--compile", "--no-compile"} & set(args):  # the HTTP tests serve eager: a compiled server spends
+            args = ["--no-compile", *args]  # minutes compiling (the compiled engine: tests/serve/test_runner.py)
         self.proc = subprocess.Popen([sys.executable, "-m", "fmstack", "serve", "--port", str(self.port), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -191,8 +191,8 @@ def test_compiled_step_has_no_graph_breaks(tiny):
     torch._dynamo.reset()
     ps = prompts([9, 21, 14], seed=13)
     ref = reference(tiny, ps, 5)
-    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16,
-                                          max_model_len=128, compile=True))
+    eng = Engine(tiny, None, EngineConfig(block_size=4, num_blocks=80, max_num_batched_tokens=16, max_num_seqs=4,
+                                          max_model_len=128, compile=True))  # decode buckets 1, 2, 4
     outs, _ = run(eng, ps, RequestParams(SamplingParams(max_new_tokens=5)))
     assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
 
