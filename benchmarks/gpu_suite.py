@@ -80,7 +80,8 @@ def bench_cmd(args: argparse.Namespace, model: str, extra: list[str], out: Path,
     if args.dry_run:
         return cmd + ["--device", "cpu", "--prompt-len", "8", "--new-tokens", "4", "--warmup-tokens", "2",
                       "--threads", "1", "--no-compile", *extra]
-    return cmd + ["--device", "cuda", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), *extra]
+    return cmd + ["--device", "cuda", "--compile", "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+                  *extra]  # --compile spelled out: $FMSTACK_COMPILE=0 must not turn the GPU figures eager
 
 
 def tests_cmd(args: argparse.Namespace, junit: Path) -> list[str]:

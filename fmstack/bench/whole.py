@@ -30,6 +30,7 @@ import torch
 from fmstack.bench.report import build_whole_report
 from fmstack.checkpoints.named import cache_dir, resolve_model_path
 from fmstack.errors import FmstackError, ParameterError
+from fmstack.generation.compile import compile_by_default
 
 log = logging.getLogger("fmstack.bench")
 
@@ -54,7 +55,7 @@ def check_whole_args(args: argparse.Namespace) -> list[str]:
                                   ("--device", args.device != "cpu"), ("--parallel", args.parallel != "none"),
                                   ("--draft-model/--draft-quantize", args.draft_model or args.draft_quantize),
                                   ("--batch-sizes", args.batch_sizes != "1,2,4,8,16"),
-                                  ("--no-compile", args.compile is False)) if bad]
+                                  ("--no-compile", args.compile is False and compile_by_default())) if bad]
     if args.plot:
         raise ParameterError("--plot is not available with --whole-command (it prints a markdown table)")
     if given:

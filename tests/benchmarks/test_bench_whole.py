@@ -70,8 +70,10 @@ def test_hf_peer_script(tiny_dir, tmp_path, capsys):
     (["--no-compile"], "through --generate-args"),
     (["--peers", "vllm"], "unknown peer"),
 ])
-def test_whole_command_argument_errors(args, msg, capsys):
+def test_whole_command_argument_errors(args, msg, capsys, monkeypatch):
     from fmstack.cli import main  # in process: checked before anything loads or starts
+
+    monkeypatch.setenv("FMSTACK_COMPILE", "1")  # compiled by default, as for a user: --no-compile is a change
 
     assert main(["bench", "--whole-command", *args]) == 2
     assert msg in capsys.readouterr().err
