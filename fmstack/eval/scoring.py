@@ -252,7 +252,8 @@ class Scorer:
         several = any(len(row) > 1 for row in rows)
         mask = packed_mask(segments.to(dev), groups.to(dev) if several else None, positions.to(dev),
                            cfg.sliding_window)  # single rows: the model applies the window itself
-        cache = None if single else PackedMask(mask, cfg.n_heads, cfg.n_kv_heads, self.model.norm.weight.dtype)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        cache = None if single else PackedMask(mask, cfg.n_heads, cfg.n_kv_heads, dtype)  # dtype: activations'
         h = self._hidden(tokens.to(dev), positions.to(dev), cache)  # [B, T, dim]
         sel = h[torch.tensor(rws, device=dev), torch.tensor(cols, device=dev)]  # [N, dim]
         logp, hit = self._head(sel, torch.tensor(targets, device=dev))
