@@ -139,10 +139,11 @@ def test_compiled_engine_equals_eager_engine(tiny):
     assert tokens_of(compiled) == tokens_of(eager)
 
 
-def test_serve_compiles_by_default_and_no_compile_stays():
+def test_serve_compiles_by_default_and_no_compile_stays(monkeypatch):
     from fmstack.cli import build_parser
     from fmstack.commands.common import want_compile
 
+    monkeypatch.setenv("FMSTACK_COMPILE", "1")  # as for a user (the test session turns the default off)
     parser = build_parser()
     assert want_compile(parser.parse_args(["serve"])) is True
     assert want_compile(parser.parse_args(["serve", "--no-compile"])) is False
