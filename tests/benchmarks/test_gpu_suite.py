@@ -1,7 +1,7 @@
 """benchmarks/gpu_suite.py on the CPU: the stage runner with fake stages (a timeout kills the child and
 its children; a stage without its result file fails; the summary is rewritten after every stage), the
 plan (order, budgets <= 8 minutes, every command the real entry point with flags `fmstack bench`
-accepts), and the whole --dry-run (in CI: a few minutes on 2 cores)."""
+accepts), and the whole --dry-run (marked slow: about 1.5 minutes on 2 cores; `pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -191,6 +191,7 @@ def test_dry_run_plan_is_the_same_stages_on_the_cpu(tmp_path):
             assert (a.model, a.device, a.compile, a.out) == ("random:tiny-gqa", "cpu", False, str(s.result))
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_dry_run_end_to_end(tmp_path):
     """Every stage on the CPU, each writing its JSON: in CI, so the suite's plumbing cannot silently break
     before a GPU is lent (about 3 minutes on 2 shared cores, ~200 s measured under load)."""

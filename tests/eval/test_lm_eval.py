@@ -61,6 +61,7 @@ def process_docs(dataset):
 '''
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_lm_eval_cli_matches_fmstack_hellaswag(tmp_path, ours, smollm2_gguf, hellaswag_dev):
     docs = hs.load_docs(hellaswag_dev, N_ROWS)
     task_dir, out_dir = tmp_path / "tasks", tmp_path / "out"

@@ -47,6 +47,7 @@ def run(tmp_path: Path, name: str | None, batch: int) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_second_process_loads_instead_of_compiling_and_a_key_change_misses(tmp_path):
     cold, _ = run(tmp_path, None, 1)
     assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0

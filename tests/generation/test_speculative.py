@@ -103,6 +103,7 @@ def test_k_bounds(target, k):
         SpeculativeGenerator(Generator(target, eos_ids=[]), Generator(target, eos_ids=[]), k)
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_cli_speculative_greedy_equals_plain_on_default_model(smollm2_gguf):
     """`fmstack generate --draft-quantize int8` gives the plain greedy ids and reports acceptance."""
     import json
