@@ -113,6 +113,14 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     return loaded
 
 
+# Whether a quantized GGUF on CPU (fp32, one process) runs from its blocks (`--quantize gguf`) when no
+# --quantize is given. Off: measured on 2026-12-02 (benchmarks/results/quant_blocks_cpu.json, quiet
+# machine, compiled, batch 1), `gguf` decoded at 25.7 tok/s against 51.4 for int8 and 83.7 for
+# llama-cpp-python, because the native float-activation block kernel streams ~3 GB/s, not memory
+# speed. The memory saving (92 MiB of weights instead of 513) is not worth halving the default's
+# speed; turn this on once the kernel is faster than the float model.
+GGUF_BLOCKS_BY_DEFAULT = False
+
 def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size: int,
           plan: ParallelPlan | None = None) -> LoadedModel:
     """`load_model` for one process; `plan` builds and slices this rank's part of the model."""
@@ -128,7 +136,8 @@ def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size:
     with _stage("tokenizer"):  # first: its temporaries are freed before the weights are materialized
         tokenizer = _tokenizer(ckpt)
     if quantize == "auto":
-        auto = ckpt.block_tensor is not None and device.type == "cpu" and dtype == torch.float32 and plan is None
+        auto = (GGUF_BLOCKS_BY_DEFAULT and ckpt.block_tensor is not None and device.type == "cpu"
+                and dtype == torch.float32 and plan is None)
         qspec = QuantSpec("gguf") if auto else None
     _check_blocks(ckpt, qspec, plan)
     if ckpt.quant is not None:

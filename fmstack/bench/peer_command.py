@@ -53,7 +53,16 @@ def hf_generate(args: argparse.Namespace) -> dict:
 def llamacpp_generate(args: argparse.Namespace) -> dict:
     """llama-cpp-python on the GGUF as it is (its own quantized kernels)."""
     import llama_cpp
+    import llama_cpp.llama as llama_module
 
+    default = llama_module.llama_cpp.llama_model_default_params
+
+    def params():  # extra buffer types (AMX repack) off, as fmstack/bench/peers.py says why
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    if any(f[0] == "use_extra_bufts" for f in llama_cpp.llama_model_params._fields_):
+        llama_module.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=512, verbose=False)

@@ -15,6 +15,8 @@ transformers and llama_cpp are optional: imported where they are used.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from pathlib import Path
@@ -45,8 +47,9 @@ def llamacpp_system(args, device) -> System | None:
     path = str(Path(src[0]) / src[1]["gguf_file"])
     threads = args.threads or torch.get_num_threads()
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.new_tokens + 16, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+    with _no_extra_buffer_types(llama_cpp):
+        llm = llama_cpp.Llama(model_path=path, n_ctx=args.prompt_len + args.new_tokens + 16, n_threads=threads,
+                              n_threads_batch=threads, n_batch=512, verbose=False)
     load_s = time.perf_counter() - t0
 
     def generate(prompts, new_tokens: int) -> Run:
@@ -183,3 +186,27 @@ def hf_static_compile_system(model, load_s: float, device, max_len: int) -> Syst
     weights = unique_bytes(list(model.parameters()) + list(model.buffers()))
     return System("hf-static", "HF transformers StaticCache + torch.compile", weights, load_s,
                   model.config.vocab_size, generate)
+
+
+@contextlib.contextmanager
+def _no_extra_buffer_types(llama_cpp):
+    """llama.cpp's model params with `use_extra_bufts` off while a model loads: on an AMX CPU under a
+    hypervisor that does not grant the AMX tile state (the Sapphire Rapids VM of 2026-12-02), its AMX
+    repack of the weights dies with SIGILL at the first matmul. Off, it runs its AVX-512 VNNI kernels,
+    as on a CPU without AMX. `Llama()` takes no such argument, so its default-params call is wrapped."""
+    module = getattr(llama_cpp, "llama", None)
+    lib = getattr(module, "llama_cpp", None)
+    default = getattr(lib, "llama_model_default_params", None)
+    if default is None or not any(f[0] == "use_extra_bufts" for f in lib.llama_model_params._fields_):
+        yield
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default

@@ -10,7 +10,8 @@ Modes (`--quantize`):
   gguf     a quantized GGUF's own blocks kept as they are (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, see
            `gguf_blocks.py`) in `blocks.BlockLinear`, the token embedding too (`BlockEmbedding`, the
            tied head over the same buffers): no requantization, logits equal to the dequantized float
-           model's within float32 rounding. The default for a quantized GGUF on CPU.
+           model's within float32 rounding. Opt-in: not the default until its kernel beats the float model
+           (`fmstack.loading.GGUF_BLOCKS_BY_DEFAULT` says why).
   gguf-a8  gguf with int8 activations (per row and block, see `blocks.quantize_activations`).
   w8a8     fmstack's int8 weights in the block layout (channel scale repeated per 32-block) with int8
            activations.

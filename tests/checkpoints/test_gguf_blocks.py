@@ -92,8 +92,12 @@ def test_k_quant_mix_runs_as_blocks(tmp_path):
     assert 0 < float((got - want).norm() / want.norm()) < 0.05  # int8 activations: the only difference
 
 
-def test_default_mode_on_cpu(hf_models, tmp_path):
+def test_default_mode_on_cpu(hf_models, tmp_path, monkeypatch):
+    import fmstack.loading
+
     path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf", qtype=QT.Q8_0)
+    assert spec_of(load_model(str(path), quantize="auto").model) is None  # float until the kernel is faster
+    monkeypatch.setattr(fmstack.loading, "GGUF_BLOCKS_BY_DEFAULT", True)
     assert spec_of(load_model(str(path), quantize="auto").model) == QuantSpec("gguf")
     assert spec_of(load_model(str(path), quantize="auto", dtype="bf16").model) is None  # --dtype overrides it
     f32 = write_gguf(hf_models["mha-tied"], tmp_path / "f.gguf")
@@ -101,7 +105,7 @@ def test_default_mode_on_cpu(hf_models, tmp_path):
 
 
 def test_default_model_matches_dequantized(smollm2_gguf):
-    native, ref = (load_model(str(smollm2_gguf), quantize=q) for q in ("auto", "none"))
+    native, ref = (load_model(str(smollm2_gguf), quantize=q) for q in ("gguf", "none"))
     assert param_bytes(native.model) < 110e6 and param_bytes(ref.model) > 500e6
     tokens = torch.tensor([native.tokenizer.encode("The capital of France is")])
     for m in (native.model, ref.model):  # 3 of 30 layers (Q4_1) keep it fast; embedding and head (Q8_0) whole
