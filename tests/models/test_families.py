@@ -137,6 +137,7 @@ def test_greedy_matches_hf_and_batched_equals_single(pair):
     assert [r.token_ids for r in gen.generate([a, b], params)] == single
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 @pytest.mark.parametrize("family", ["mistral"])
 def test_compiled_equals_eager(family, smollm2_tokenizer_dir, tmp_path):
     """The compiled prefill/decode (sliding-window masks as tensors) gives the eager tokens."""

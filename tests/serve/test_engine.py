@@ -197,6 +197,7 @@ def test_compiled_step_has_no_graph_breaks(tiny):
     assert tokens_of(outs) == {str(i): r for i, r in enumerate(ref)}
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_quantized_model_on_the_engine_thread_matches_solo_greedy(tiny):
     """int8 / int4 models served from the engine's background thread (where the quantized CPU kernels
     are compiled on first use) give the tokens the same quantized model gives alone."""

@@ -40,6 +40,7 @@ def run_lm_eval(url: str, model_name: str, tmp_path, docs) -> tuple[dict, list[d
     return results, sorted(samples, key=lambda s: s["doc_id"])
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_lm_eval_local_completions_matches_fmstack_eval(server, tiny_ckpt, tmp_path, hellaswag_dev):
     from fmstack.loading import load_model
 

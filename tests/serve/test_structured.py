@@ -289,6 +289,7 @@ def test_generator_follows_json_schema(smol_tok):
     assert free.text == Generator(model, smol_tok).generate([prompt], SamplingParams(max_new_tokens=12))[0].text
 
 
+@pytest.mark.slow  # CI time (20 min on 2 cores): run with -m slow
 def test_cli_generate_json_schema(tiny_ckpt, tmp_path):
     import subprocess
     import sys
