@@ -45,8 +45,8 @@ def hf_generate(args: argparse.Namespace) -> dict:
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
         t3 = time.perf_counter()
-    print(tok.decode(out, skip_special_tokens=True))
-    return {"first_token_time": first, "load_s": load_s, "prefill_s": t2 - t1, "decode_s": t3 - t2,
+    return {"text": tok.decode(out, skip_special_tokens=True), "first_token_time": first, "load_s": load_s,
+            "prefill_s": t2 - t1, "decode_s": t3 - t2,
             "tokens": len(out), "prompt_tokens": ids.shape[1], "label": "HF transformers eager fp32"}
 
 
@@ -79,8 +79,8 @@ def llamacpp_generate(args: argparse.Namespace) -> dict:
         if tok == eos or len(out) == args.max_new_tokens:
             break
     t3 = time.perf_counter()
-    print(llm.detokenize([t for t in out if t != eos]).decode("utf-8", errors="replace"))
-    return {"first_token_time": first, "load_s": load_s, "prefill_s": t2 - t1, "decode_s": t3 - t2,
+    return {"text": llm.detokenize([t for t in out if t != eos]).decode("utf-8", errors="replace"),
+            "first_token_time": first, "load_s": load_s, "prefill_s": t2 - t1, "decode_s": t3 - t2,
             "tokens": len(out), "prompt_tokens": len(ids), "label": f"llama-cpp-python {llama_cpp.__version__}"}
 
 
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", required=True, help="file the JSON line is appended to")
     args = p.parse_args(argv)
     record = (hf_generate if args.system == "hf" else llamacpp_generate)(args)
+    sys.stdout.write(record.pop("text") + "\n")  # the generated text, as `fmstack generate` writes it
     with open(args.events, "a", encoding="utf-8") as f:
         f.write(json.dumps({"system": args.system, "end_time": time.time(), **record}) + "\n")
     return 0
