@@ -75,14 +75,17 @@ def accept_proposals(proposals: list[int], p: Tensor, q: list[Tensor] | None, ge
     as the target's."""
     new_tokens = []
     for i, d in enumerate(proposals):
-        qi = q[i] if q is not None else torch.nn.functional.one_hot(torch.tensor(d, device=p.device),
-                                                                    p.shape[-1]).to(p.dtype)
-        ratio = (p[i, d] / qi[d]).item() if qi[d] > 0 else 0.0
+        if q is None:  # one-hot q_i: ratio p_i[d], residual p_i without d (no V-sized one-hot built)
+            ratio = float(p[i, d])
+        else:
+            ratio = (p[i, d] / q[i][d]).item() if q[i][d] > 0 else 0.0
         if torch.rand((), generator=gen, device=p.device).item() < ratio:
             new_tokens.append(d)
             continue
-        residual = (p[i] - qi).clamp_min(0)
-        residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+        residual = p[i].clone().index_fill_(0, torch.tensor([d], device=p.device), 0) if q is None \
+            else (p[i] - q[i]).clamp_min(0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p[i]
         new_tokens.append(pick(residual))
         return new_tokens
     new_tokens.append(pick(p[len(proposals)]))  # all k accepted: bonus token from the target
