@@ -94,13 +94,14 @@ def run(args: argparse.Namespace) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model",
                     args.host)
 
+    speculative = speculative_config(args)  # a bad --speculative fails before the model loads
     loaded = load_from_args(args)
     max_len = args.max_model_len or min(loaded.config.max_seq_len, 4096)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
         block_size=args.block_size, kv_cache_bytes=kv_cache_bytes(args, loaded.model, max_len),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
         max_queue=args.max_queue, prefix_caching=not args.no_prefix_caching, compile=want_compile(args),
-        sdpa_backend=args.sdpa_backend, threads=args.threads, speculative=speculative_config(args)))
+        sdpa_backend=args.sdpa_backend, threads=args.threads, speculative=speculative))
     engine.warm_up(args.warmup)
     state = ServerState(engine, loaded.tokenizer, args.served_model_name or args.model, api_key,
                         args.max_body_kb << 10, metrics_no_auth=args.metrics_no_auth)
