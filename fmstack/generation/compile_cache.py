@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fmstack.backends.inductor import set_cache_dir, user_cache_dir
-from fmstack.checkpoints.named import cache_dir
+from fmstack.paths import cache_dir
 from fmstack.quant import spec_of
 
 log = logging.getLogger(__name__)

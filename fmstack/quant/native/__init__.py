@@ -10,7 +10,7 @@ PyTorch's tinygemm-layout int4 CPU matmul runs 98 ms a pass on SmolLM2-135M's pr
 has per-channel scales only and float activations. docs/quant-kernels.md has the design and figures.
 
 Build cache: `<fmstack cache dir>/kernels/<key>/` ($FMSTACK_CACHE_DIR, the directory
-`checkpoints.named.cache_dir` and the compile cache use), keyed by the sources' hash, the torch
+`fmstack.paths.cache_dir`, the one the compile cache uses), keyed by the sources' hash, the torch
 version and the compiler's version, so a changed source, torch or compiler builds afresh. A process
 that finds the library built loads it directly (a few ms); concurrent first builds serialize on
 torch.utils.cpp_extension's lock file in that directory (one builds, the others wait and load).
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from fmstack.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,6 @@ def build_key() -> str:
 
 def build_dir() -> Path:
     """`<fmstack cache dir>/kernels/<build_key()>`."""
-    # Imported here, not at the top: importing fmstack.checkpoints runs its __init__, which imports
-    # fmstack.quant; fmstack.quant imports blocks, which imports this module: at import time a circle.
-    from fmstack.checkpoints.named import cache_dir
-
     return cache_dir() / "kernels" / build_key()
 
 
