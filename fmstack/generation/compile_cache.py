@@ -67,7 +67,7 @@ def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     spec = spec_of(model)
     return {"config": config, "dtype": str(dtype), "quant": spec.to_dict() if spec else None,
             "modules": sorted({type(m).__qualname__ for m in model.modules()}),
-            "blocks": sorted({repr(m.weight_blocks.layout) for m in model.modules() if hasattr(m, "weight_blocks")}),
+            "blocks": sorted({repr(m.layout) for m in model.modules() if hasattr(m, "packed_blocks")}),
             "params": sorted({str(p.dtype) for p in model.parameters()}),
             "device": str(next(model.parameters()).device.type),
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}

@@ -236,7 +236,8 @@ def install_gguf_blocks(model: nn.Module, spec: QuantSpec, block_for: Callable[[
         model.embed, n = BlockEmbedding(emb, dtype, scheme=spec.mode), 1
     for name, _lin in quantizable_linears(model):
         if name == "output":
-            w = (emb if model.config.tie_embeddings else on_device(block_for("output.weight")))
+            tied = model.embed.packed_blocks if emb is not None else None
+            w = tied if model.config.tie_embeddings else on_device(block_for("output.weight"))
         else:
             w = on_device(_projection_blocks(name, block_for))
         if w is not None:

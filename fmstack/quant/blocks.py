@@ -18,6 +18,15 @@ scale = max|x| / 127, round to nearest), so a kernel can use integer dot product
 computes the same thing in float. Without it the result is x @ w.T within float32 rounding.
 
 `block_linear_reference` is the pure-PyTorch definition every native kernel is tested against.
+
+Modules hold their weight **interleaved by 16 rows** (`pack_rows` -> `PackedBlocks`, once at load: the
+same bits, a fixed permutation): for each group of 16 output rows and each block, the rows' bytes in
+64-byte chunks [row 0..15][4 bytes]. One 512-bit load then holds 4 bytes of 16 rows, and one integer
+dot product against 4 broadcast activation bytes gives the 16 rows' partial sums in 16 lanes, with
+one scale multiply per block for all 16 rows and no horizontal sum per row (the row-major kernel
+spent most of its instructions on those: 0.36 ms for a 3072x576 Q4_1 matrix, ~3 GB/s;
+docs/quant-kernels.md has the figures). 8-bit values are stored + 128 (unsigned), so VNNI's u8 x s8
+product takes them as they are; scales and mins are [groups, blocks, 16].
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from fmstack.quant import native
 
 BITS = (4, 8)
 BLOCKS = (16, 32)
+ROWS = 16  # output rows per interleaved group
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,62 @@ class BlockWeight:
     @property
     def in_features(self) -> int:
         return self.scales.shape[1] * self.block
+
+
+@dataclass(frozen=True)
+class PackedBlocks:
+    """A `BlockWeight` interleaved by `ROWS` output rows (module docstring): qweight uint8
+    `[G, nb * ROWS * block * bits / 8]` with G = ceil(n / ROWS) (missing rows are zero), scales and mins
+    `[G, nb, ROWS]`; n the number of output rows."""
+    qweight: Tensor
+    scales: Tensor
+    mins: Tensor | None
+    bits: int
+    block: int
+    n: int
+
+    @property
+    def layout(self) -> tuple[int, int, str, bool]:
+        return self.bits, self.block, str(self.scales.dtype).removeprefix("torch."), self.mins is not None
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[1] * self.block
+
+    def _chunks(self) -> Tensor:  # [G, nb, chunks, ROWS, 4] stored bytes
+        g, nb = self.scales.shape[:2]
+        return self.qweight.view(g, nb, self.block * self.bits // 32, ROWS, 4)
+
+    def unpack(self, rows: Tensor | None = None) -> BlockWeight:
+        """The `BlockWeight` of all rows, or of the given row indices (an embedding lookup)."""
+        q, s, mn = self._chunks(), self.scales, self.mins
+        if rows is None:  # [G, nb, chunks, ROWS, 4] -> [G, ROWS, nb, chunks, 4]; scales [G, nb, ROWS] -> [G, ROWS, nb]
+            q = q.permute(0, 3, 1, 2, 4).reshape(-1, q.shape[1] * q.shape[2] * 4)[:self.n]
+            s = s.transpose(1, 2).reshape(-1, s.shape[1])[:self.n]
+            mn = None if mn is None else mn.transpose(1, 2).reshape(-1, mn.shape[1])[:self.n]
+        else:
+            g, r = rows // ROWS, rows % ROWS
+            q, s, mn = q[g, :, :, r, :].reshape(len(rows), -1), s[g, :, r], None if mn is None else mn[g, :, r]
+        if self.bits == 8:
+            q = (q ^ 0x80).view(torch.int8)
+        return BlockWeight(q.contiguous(), s.contiguous(), None if mn is None else mn.contiguous(), self.bits, self.block)
+
+
+def pack_rows(w: BlockWeight) -> PackedBlocks:
+    """`w` interleaved by `ROWS` rows (see the module docstring); `PackedBlocks.unpack` inverts it."""
+    n, nb = w.scales.shape
+    pad = -n % ROWS
+    g = (n + pad) // ROWS
+    q = w.qweight.view(torch.uint8)
+    if w.bits == 8:
+        q = q ^ 0x80
+    q = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(g, ROWS, nb, w.block * w.bits // 32, 4)
+    q = q.permute(0, 2, 3, 1, 4).reshape(g, -1).contiguous()
+
+    def per_group(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, 0, 0, pad)).view(g, ROWS, nb).transpose(1, 2).contiguous()
+
+    return PackedBlocks(q, per_group(w.scales), None if w.mins is None else per_group(w.mins), w.bits, w.block, n)
 
 
 def unpack_nibbles(packed: Tensor) -> Tensor:
@@ -107,20 +173,24 @@ def block_linear_reference(x: Tensor, w: BlockWeight, int8_act: bool = False) ->
     return x @ dequantize_blocks(w).T
 
 
-def block_linear(x: Tensor, w: BlockWeight, int8_act: bool = False) -> Tensor:
+def block_linear(x: Tensor, w: BlockWeight | PackedBlocks, int8_act: bool = False) -> Tensor:
     """x `[M, K]` -> float32 `[M, N]`: the native kernel where one is built for x's device (CPU, no
-    gradient wanted: the op has no backward), else the reference."""
+    gradient wanted: the op has no backward), else the reference. A `BlockWeight` is packed first (a
+    module holds its weight packed once)."""
     if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) and native.available():
-        return native.block_linear(x.float().contiguous(), w.qweight, w.scales, w.mins, w.bits, w.block, int8_act)
-    return block_linear_reference(x, w, int8_act)
+        p = w if isinstance(w, PackedBlocks) else pack_rows(w)
+        return native.block_linear(x.float().contiguous(), p.qweight, p.scales, p.mins, p.bits, p.block, p.n, int8_act)
+    return block_linear_reference(x, w.unpack() if isinstance(w, PackedBlocks) else w, int8_act)
 
 
-def hold_blocks(module: nn.Module, w: BlockWeight) -> None:
-    """Give `module` the weight's buffers (qweight, scales, mins) and its bits and block."""
-    module.bits, module.block = w.bits, w.block
-    module.register_buffer("qweight", w.qweight)
-    module.register_buffer("scales", w.scales)
-    module.register_buffer("mins", w.mins)
+def hold_blocks(module: nn.Module, w: BlockWeight | PackedBlocks) -> None:
+    """Give `module` the weight's interleaved buffers (qweight, scales, mins: `pack_rows` of a
+    `BlockWeight`, shared as they are from a `PackedBlocks`) and its bits, block and row count."""
+    p = w if isinstance(w, PackedBlocks) else pack_rows(w)
+    module.bits, module.block, module.rows = p.bits, p.block, p.n
+    module.register_buffer("qweight", p.qweight)
+    module.register_buffer("scales", p.scales)
+    module.register_buffer("mins", p.mins)
 
 
 class BlockLinear(nn.Module):
@@ -128,18 +198,27 @@ class BlockLinear(nn.Module):
     integer-activation kernel; `scheme` names the quantization mode it came from (`fmstack.quant`
     modes, for `spec_of`). Output in x's dtype."""
 
-    def __init__(self, w: BlockWeight, int8_act: bool = False, scheme: str = ""):
+    def __init__(self, w: BlockWeight | PackedBlocks, int8_act: bool = False, scheme: str = ""):
         super().__init__()
         self.int8_act, self.scheme = int8_act, scheme
-        self.in_features, self.out_features = w.in_features, w.out_features
         hold_blocks(self, w)
+        self.in_features, self.out_features = self.scales.shape[1] * self.block, self.rows
+
+    @property
+    def packed_blocks(self) -> PackedBlocks:
+        return PackedBlocks(self.qweight, self.scales, self.mins, self.bits, self.block, self.rows)
 
     @property
     def weight_blocks(self) -> BlockWeight:
-        return BlockWeight(self.qweight, self.scales, self.mins, self.bits, self.block)
+        """The weight in the plain row-major layout (a copy: `PackedBlocks.unpack`)."""
+        return self.packed_blocks.unpack()
+
+    @property
+    def layout(self) -> tuple[int, int, str, bool]:
+        return self.packed_blocks.layout
 
     def forward(self, x: Tensor) -> Tensor:
-        out = block_linear(x.reshape(-1, self.in_features), self.weight_blocks, self.int8_act)
+        out = block_linear(x.reshape(-1, self.in_features), self.packed_blocks, self.int8_act)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -192,20 +271,19 @@ def from_int4(q: Tensor, scales: Tensor, zeros: Tensor) -> BlockWeight:
 
 class BlockEmbedding(nn.Module):
     """A token embedding holding its table as a `BlockWeight`; a lookup dequantizes only the gathered
-    rows (to `dtype`). A tied LM head is `BlockLinear(embedding.weight_blocks)` over the same buffers."""
+    rows (to `dtype`). A tied LM head is `BlockLinear(embedding.packed_blocks)` over the same buffers."""
 
-    def __init__(self, w: BlockWeight, dtype: torch.dtype = torch.float32, scheme: str = ""):
+    def __init__(self, w: BlockWeight | PackedBlocks, dtype: torch.dtype = torch.float32, scheme: str = ""):
         super().__init__()
         self.dtype, self.scheme = dtype, scheme
-        self.num_embeddings, self.embedding_dim = w.out_features, w.in_features
         hold_blocks(self, w)
+        self.num_embeddings, self.embedding_dim = self.rows, self.scales.shape[1] * self.block
 
-    weight_blocks = BlockLinear.weight_blocks
+    packed_blocks, weight_blocks, layout = BlockLinear.packed_blocks, BlockLinear.weight_blocks, BlockLinear.layout
 
     def forward(self, tokens: Tensor) -> Tensor:
         flat = tokens.reshape(-1)
-        mins = None if self.mins is None else self.mins[flat]
-        rows = dequantize_blocks(BlockWeight(self.qweight[flat], self.scales[flat], mins, self.bits, self.block))
+        rows = dequantize_blocks(self.packed_blocks.unpack(flat))
         return rows.reshape(*tokens.shape, self.embedding_dim).to(self.dtype)
 
     def extra_repr(self) -> str:

@@ -105,7 +105,7 @@ def test_block_embedding_and_tied_head_share_buffers():
     raw = random_gguf_blocks(QT.Q8_0, 10, 64, seed=5, scale=0.01)
     w = gguf_block_weight(torch.from_numpy(raw), QT.Q8_0, (10, 64))
     emb = BlockEmbedding(w, torch.float32, scheme="gguf")
-    head = BlockLinear(emb.weight_blocks, scheme="gguf")
+    head = BlockLinear(emb.packed_blocks, scheme="gguf")
     assert head.qweight.data_ptr() == emb.qweight.data_ptr() and head.scales.data_ptr() == emb.scales.data_ptr()
     tokens = torch.tensor([[3, 0, 9], [3, 3, 1]])
     table = dequantize_blocks(w)

@@ -17,7 +17,8 @@ import torch
 
 from fmstack.backends import compile_counters
 from fmstack.quant import native
-from fmstack.quant.blocks import BlockLinear, BlockWeight, block_linear, block_linear_reference, pack_nibbles
+from fmstack.quant.blocks import (BlockLinear, BlockWeight, block_linear, block_linear_reference, pack_nibbles,
+                                  pack_rows)
 
 LAYOUTS = [(4, 32), (8, 32), (8, 16)]
 ROWS = (1, 3, 17, 64)  # decode kernel (<= 16 rows, with a 4-row chunk and a remainder) and the BLAS path
@@ -47,7 +48,8 @@ def make_weight(bits: int, block: int, dtype: torch.dtype, mins: bool, n: int = 
 
 def assert_matches_reference(x: torch.Tensor, w: BlockWeight, int8_act: bool) -> None:
     ref = block_linear_reference(x, w, int8_act)
-    out = native.block_linear(x, w.qweight, w.scales, w.mins, w.bits, w.block, int8_act)
+    p = pack_rows(w)
+    out = native.block_linear(x, p.qweight, p.scales, p.mins, p.bits, p.block, p.n, int8_act)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     # integer sums are exact; what is left is float32 rounding of ~K products
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -149,20 +151,35 @@ def test_gradients_take_the_reference():
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(x=a["x"].double()), "x must be a contiguous float32"),
-    (lambda a: a.update(scales=a["scales"][:, :2]), "scales must be [N, K/block]"),
+    (lambda a: a.update(scales=a["scales"][:, :2]), "scales must be contiguous float32 or float16 [G, K/block, 16]"),
     (lambda a: a.update(scales=a["scales"].bfloat16()), "float32 or float16"),
     (lambda a: a.update(mins=a["scales"].float()), "mins must match scales"),
     (lambda a: a.update(bits=4, block=16), "bits=4 block=16 is not supported"),
-    (lambda a: a.update(qweight=a["qweight"][:, :64]), "qweight must be a contiguous"),
+    (lambda a: a.update(qweight=a["qweight"][:, :64]), "qweight must be a contiguous interleaved"),
+    (lambda a: a.update(n=a["n"] + 16), "qweight must be a contiguous interleaved"),
 ])
 def test_bad_inputs_name_the_field(change, message):
-    w = make_weight(8, 32, torch.float16, mins=False)
-    args = {"x": torch.randn(2, w.in_features), "qweight": w.qweight, "scales": w.scales, "mins": None, "bits": 8,
-            "block": 32}
+    p = pack_rows(make_weight(8, 32, torch.float16, mins=False))
+    args = {"x": torch.randn(2, p.in_features), "qweight": p.qweight, "scales": p.scales, "mins": None, "bits": 8,
+            "block": 32, "n": p.n}
     change(args)
     with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         torch.ops.fmstack.block_linear(args["x"], args["qweight"], args["scales"], args["mins"], args["bits"],
-                                       args["block"], False)
+                                       args["block"], args["n"], False)
+
+
+@pytest.mark.parametrize("bits, block", LAYOUTS)
+def test_row_interleaving_round_trips(bits, block):
+    """pack_rows then unpack gives the weight back bit for bit (all rows, or a lookup's rows), with the
+    16-row groups padded to whole groups (N = 37: 3 groups)."""
+    w = make_weight(bits, block, torch.float16, mins=True)
+    p = pack_rows(w)
+    assert p.qweight.shape[0] == p.scales.shape[0] == 3 and p.n == N
+    back = p.unpack()
+    assert all(torch.equal(a, b) for a, b in [(back.qweight, w.qweight), (back.scales, w.scales), (back.mins, w.mins)])
+    rows = torch.tensor([36, 0, 17, 17])
+    some = p.unpack(rows)
+    assert torch.equal(some.qweight, w.qweight[rows]) and torch.equal(some.mins, w.mins[rows])
 
 
 def test_unknown_isa_request_is_an_error():

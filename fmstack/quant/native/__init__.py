@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "FMSTACK_NATIVE_KERNELS"
 SOURCES = ("block_linear.cpp", "block_kernels.h")
+# -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; built without it the op
+# ran on one thread whatever torch.set_num_threads said (2 threads took the time of 1). The library
+# then needs libgomp.so.1, the soname of the copy torch itself loads, so both share one thread pool.
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 STALE_LOCK_S = 600.0  # a lock file older than this was left by a killed build
 
 _here = Path(__file__).resolve().parent
@@ -67,6 +72,7 @@ def build_key() -> str:
         h.update((_here / name).read_bytes())
     h.update(torch.__version__.encode())
     h.update(_compiler_id().encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     return h.hexdigest()[:16]
 
 
@@ -87,7 +93,7 @@ def _build(directory: Path, name: str) -> None:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # else cpp_extension's baton waits forever
     t0 = time.perf_counter()
-    cpp_extension.load(name=name, sources=[str(_here / "block_linear.cpp")], extra_cflags=["-O3"],
+    cpp_extension.load(name=name, sources=[str(_here / "block_linear.cpp")], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        extra_include_paths=[str(_here)], build_directory=str(directory),
                        is_python_module=False, verbose=False)
     log.info("built the native block kernels in %.1f s (%s)", time.perf_counter() - t0, directory)
@@ -134,16 +140,17 @@ def isa(request: str = "") -> str:
     return torch.ops.fmstack.block_linear_isa(request)
 
 
-def block_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, block: int,
+def block_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, block: int, n: int,
                  int8_act: bool) -> Tensor:
-    """`torch.ops.fmstack.block_linear` on float32 contiguous x `[M, K]` -> float32 `[M, N]`; only after
-    `available()`. The weight tensors are made contiguous (free where they are)."""
+    """`torch.ops.fmstack.block_linear` on float32 contiguous x `[M, K]` and a weight interleaved by 16
+    rows (`fmstack.quant.blocks.pack_rows`, n output rows) -> float32 `[M, n]`; only after `available()`.
+    The weight tensors are made contiguous (free where they are)."""
     mins = None if mins is None else mins.contiguous()
-    return torch.ops.fmstack.block_linear(x, qweight.contiguous(), scales.contiguous(), mins, bits, block, int8_act)
+    return torch.ops.fmstack.block_linear(x, qweight.contiguous(), scales.contiguous(), mins, bits, block, n, int8_act)
 
 
 def _register_fake() -> None:
     """Shape rule for torch.compile (FakeTensor tracing: no graph break), once the op exists."""
     @torch.library.register_fake("fmstack::block_linear")
-    def _(x, qweight, scales, mins, bits, block, int8_act):
-        return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+    def _(x, qweight, scales, mins, bits, block, n, int8_act):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)

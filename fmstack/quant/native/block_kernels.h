@@ -1,24 +1,26 @@
 // The x86 kernels of block_linear.cpp, written once and compiled once per instruction set: the .cpp
 // includes this file inside a `#pragma GCC target(...)` region and a namespace per ISA, with
-// FM_DPBUSD(acc, u8, s8) defined to that ISA's u8 x s8 -> int32 dot product (VNNI `vpdpbusd`), or
-// undefined for AVX2 (`vpmaddubsw` + `vpmaddwd`; no int16 saturation here: |u8| <= 128, |s8| <= 127, a
-// pair sums to at most 32512).
+// FM_DPBUSD(acc, u8, s8) defined to that ISA's 256-bit u8 x s8 -> int32 dot product (VNNI
+// `vpdpbusd`), or undefined for AVX2 (`vpmaddubsw` + `vpmaddwd`), and FM_ZMM defined for AVX-512.
 //
-// One 256-bit vector holds 32 weights: one block of 32, or two blocks of 16 (int32 lanes 0-3 come from
-// bytes 0-15, lanes 4-7 from bytes 16-31, so the two blocks keep separate sums).
+// The weight is in the 16-row interleaved layout of fmstack/quant/blocks.py (`pack_rows`): for a group
+// of 16 output rows and one block, 64-byte chunks [row 0..15][4 bytes], so one 512-bit load holds 4
+// bytes of each of the 16 rows and one dot-product instruction against 4 broadcast activation bytes
+// gives 16 rows' partial sums in 16 int32 lanes: no horizontal sum, one scale multiply per block for
+// 16 rows. 8-bit values are stored + 128 (unsigned; the zero point is folded into the mins), 4-bit
+// bytes keep ggml's nibble order (byte j: value j low, value j + 16 high).
+
+static inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// 16 bytes of one ggml 4-bit block -> its 32 values 0..15 in order (low nibbles, then high nibbles).
-static inline __m256i unpack_q4(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
 }
 
 // scalar::quantize with 8 lanes (block a multiple of 8); _mm256_round_ps rounds half to even like torch.round.
@@ -49,245 +51,304 @@ static void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, 
   }
 }
 
-static inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-static inline __m256i load16(const void* p) {  // upper half zero
-  return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#ifdef FM_DPBUSD
-  return FM_DPBUSD(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-// Scales (or mins) of one weight row as float32, 8 at a time: no per-block conversion in the dot loops.
-static inline void row_to_float(const float* p, int64_t nb, float* dst) { std::copy(p, p + nb, dst); }
-static inline void row_to_float(const at::Half* p, int64_t nb, float* dst) {
-  int64_t j = 0;
-  for (; j + 8 <= nb; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
-  for (; j < nb; ++j) dst[j] = _cvtsh_ss(p[j].x);
-}
-
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-  float r = hsum(acc);
-  for (; j < n; ++j) r += a[j] * b[j];
-  return r;
-}
-
-// out[m0 + m, n] = the scaled block sums + sum_b min_b * sx_b * sum(qx in b).
-template <int MR>
-static inline void store_i8(const Args& a, int64_t n, int64_t m0, const float* mn, const float* sums) {
-  for (int m = 0; m < MR; ++m)
-    a.out[(m0 + m) * a.N + n] = sums[m] + (mn ? dot_f32(mn, a.xsum + (m0 + m) * a.nb, a.nb) : 0.f);
-}
-
-// Weight row n's bytes, and x's int8 rows and scales from row m0.
-struct I8Rows {
-  const uint8_t* w;
-  const int8_t* qx;
-  const float* sx;
-};
-static inline I8Rows i8_rows(const Args& a, int64_t n, int64_t m0) {
-  return {a.w + n * a.wrow, a.qx + m0 * a.K, a.sx + m0 * a.nb};
-}
-
-// Integer path for rows m0..m0+MR of x against weight row n, 32 weights (one block of 32, two of 16)
-// per step; d and mn are the row's scales and mins as float32.
-template <int BITS, int BLOCK, int MR>
-static void rows_i8(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const auto [w, qx, sx] = i8_rows(a, n, m0);
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  constexpr int span = 32 / BLOCK;
-  const int64_t full = a.nb / span * span;
-  for (int64_t b = 0; b < full; b += span) {
-    __m256i wu, wv = _mm256_setzero_si256();
-    if (BITS == 4) {
-      wu = unpack_q4(w + b * 16);
-    } else {
-      wv = load32(w + b * BLOCK);
-      wu = _mm256_abs_epi8(wv);  // -128 -> 0x80 = 128 as unsigned: still exact
-    }
-    const __m256 dv = span == 1 ? _mm256_broadcast_ss(d + b)
-                                : _mm256_set_m128(_mm_broadcast_ss(d + b + 1), _mm_broadcast_ss(d + b));
-    for (int m = 0; m < MR; ++m) {
-      __m256i xv = load32(qx + m * a.K + b * BLOCK);
-      if (BITS == 8) xv = _mm256_sign_epi8(xv, wv);
-      const float* s = sx + m * a.nb + b;
-      const __m256 sv = span == 1 ? _mm256_broadcast_ss(s) : _mm256_set_m128(_mm_broadcast_ss(s + 1), _mm_broadcast_ss(s));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(wu, xv)), _mm256_mul_ps(dv, sv), acc[m]);
-    }
+// The scales of group g as float32 [nb][16] into d, and its mins into mn (0 without mins), with the
+// 8-bit zero point folded in where `zero_point`: mn - 128 d (exact without mins: a power of two times d).
+static inline void group_scales(const Args& a, int64_t g, bool zero_point, float* d, float* mn) {
+  const int64_t n = a.nb * kRows, o = g * n;  // a multiple of 16
+  const auto* sh = static_cast<const at::Half*>(a.sc) + o;
+  const auto* mh = static_cast<const at::Half*>(a.mn) + o;
+  const auto* sf = static_cast<const float*>(a.sc) + o;
+  const auto* mf = static_cast<const float*>(a.mn) + o;
+  const __m256 z = _mm256_set1_ps(-128.f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 dv = a.half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sh + i)))
+                             : _mm256_loadu_ps(sf + i);
+    __m256 mv = !a.mn ? _mm256_setzero_ps()
+                : a.half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mh + i)))
+                         : _mm256_loadu_ps(mf + i);
+    if (zero_point) mv = _mm256_fmadd_ps(z, dv, mv);
+    _mm256_storeu_ps(d + i, dv);
+    _mm256_storeu_ps(mn + i, mv);
   }
-  float tail[MR] = {};
-  if (full < a.nb) {  // a last lone block of 16
-    const __m256i wv = load16(w + full * BLOCK), wu = _mm256_abs_epi8(wv);
-    for (int m = 0; m < MR; ++m) {
-      const __m256i xv = _mm256_sign_epi8(load16(qx + m * a.K + full * BLOCK), wv);
-      tail[m] = hsum(_mm256_cvtepi32_ps(dot_u8s8(wu, xv))) * d[full] * sx[m * a.nb + full];
-    }
-  }
-  for (int m = 0; m < MR; ++m) tail[m] += hsum(acc[m]);
-  store_i8<MR>(a, n, m0, mn, tail);
 }
 
-#ifdef FM_ZMM
-// Two floats p[0], p[1] -> lanes 0-7 p[0], lanes 8-15 p[1] (one scale per 32-weight block of a zmm).
-static inline __m512 pair_ps(const float* p) {
-  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
-}
-
-// rows_i8 for blocks of 32 with 512-bit VNNI: two blocks (64 weights) per step, half the instructions.
-// 8-bit q: no 512-bit vpsignb, so qx is negated (masked subtract) where q < 0.
-template <int BITS, int MR>
-static void rows_i8_zmm(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const auto [w, qx, sx] = i8_rows(a, n, m0);
-  __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t full = a.nb & ~int64_t(1);
-  for (int64_t b = 0; b < full; b += 2) {
-    __m512i wu;
-    __mmask64 neg = 0;
-    if (BITS == 4) {  // [lo0 | lo1 | hi0 | hi1] -> [lo0 | hi0 | lo1 | hi1]: each block's 32 values in order
-      const __m256i v = load32(w + b * 16), mask = _mm256_set1_epi8(0x0F);
-      const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask)),
-                                           _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 1);
-      wu = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
-    } else {
-      const __m512i v = _mm512_loadu_si512(w + b * 32);
-      wu = _mm512_abs_epi8(v);
-      neg = _mm512_movepi8_mask(v);
-    }
-    const __m512 dv = pair_ps(d + b);
-    for (int m = 0; m < MR; ++m) {
-      __m512i xv = _mm512_loadu_si512(qx + m * a.K + b * 32);
-      if (BITS == 8) xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-      const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv));
-      acc[m] = _mm512_fmadd_ps(f, _mm512_mul_ps(dv, pair_ps(sx + m * a.nb + b)), acc[m]);
-    }
-  }
-  float sums[MR];
-  for (int m = 0; m < MR; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
-  if (full < a.nb) {  // an odd last block
-    const __m256i wv = BITS == 4 ? _mm256_setzero_si256() : load32(w + full * 32);
-    const __m256i wu = BITS == 4 ? unpack_q4(w + full * 16) : _mm256_abs_epi8(wv);
-    for (int m = 0; m < MR; ++m) {
-      __m256i xv = load32(qx + m * a.K + full * 32);
-      if (BITS == 8) xv = _mm256_sign_epi8(xv, wv);
-      sums[m] += hsum(_mm256_cvtepi32_ps(dot_u8s8(wu, xv))) * d[full] * sx[m * a.nb + full];
-    }
-  }
-  store_i8<MR>(a, n, m0, mn, sums);
-}
-#endif
-
-// Weight block b of row w as float32 vectors of 8 (BLOCK / 8 of them): q * d + min, one rounding (fma).
+// Group g dequantized to float32 rows [16][K] (row r at dst + r * K, rows past N too): prefill tiles.
 template <int BITS, int BLOCK>
-static inline void dequant_block(const uint8_t* w, const float* d, const float* mn, int64_t b, __m256* v) {
-  const __m256 dv = _mm256_broadcast_ss(d + b), mv = mn ? _mm256_broadcast_ss(mn + b) : _mm256_setzero_ps();
-  if (BITS == 4) {
-    const __m256i q = unpack_q4(w + b * 16);
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[g])), dv, mv);
-  } else {
-    for (int g = 0; g < BLOCK / 8; ++g) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + b * BLOCK + g * 8));
-      v[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), dv, mv);
-    }
-  }
-}
-
-// Float path for rows m0..m0+MR of x against weight row n: the weight dequantized in registers.
-template <int BITS, int BLOCK, int MR>
-static void rows_f32(const Args& a, int64_t n, int64_t m0, const float* d, const float* mn) {
-  const uint8_t* w = a.w + n * a.wrow;
-  __m256 acc[2][MR];
-  for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-  __m256 v[BLOCK / 8];
+static void dequant_group_t(const Args& a, int64_t g, const float* d, const float* mn, float* dst) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4;
+  const __m128i nib = _mm_set1_epi32(0x0F);
   for (int64_t b = 0; b < a.nb; ++b) {
-    dequant_block<BITS, BLOCK>(w, d, mn, b, v);
-    for (int m = 0; m < MR; ++m) {
-      const float* xb = a.x + (m0 + m) * a.K + b * BLOCK;
-      for (int g = 0; g < BLOCK / 8; ++g)
-        acc[g & 1][m] = _mm256_fmadd_ps(v[g], _mm256_loadu_ps(xb + 8 * g), acc[g & 1][m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) a.out[(m0 + m) * a.N + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
-}
-
-// Scales and mins of weight row n as float32 into buf[0, nb) and buf[nb, 2 nb); returns the mins or nullptr.
-template <typename S>
-static inline const float* row_scales(const Args& a, int64_t n, float* buf) {
-  row_to_float(static_cast<const S*>(a.sc) + n * a.nb, a.nb, buf);
-  if (!a.mn) return nullptr;
-  row_to_float(static_cast<const S*>(a.mn) + n * a.nb, a.nb, buf + a.nb);
-  return buf + a.nb;
-}
-
-template <int BITS, int BLOCK, typename S>
-static void dequant_rows_t(const Args& a, int64_t n0, int64_t n1, float* dst) {
-  std::vector<float> buf(2 * a.nb);
-  __m256 v[BLOCK / 8];
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* mn = row_scales<S>(a, n, buf.data());
-    float* row = dst + (n - n0) * a.K;
-    for (int64_t b = 0; b < a.nb; ++b) {
-      dequant_block<BITS, BLOCK>(a.w + n * a.wrow, buf.data(), mn, b, v);
-      for (int g = 0; g < BLOCK / 8; ++g) _mm256_storeu_ps(row + b * BLOCK + 8 * g, v[g]);
-    }
-  }
-}
-
-// All rows of x against weight rows n0..n1, in chunks of up to 4 rows (4 x 2 accumulators in registers).
-template <int BITS, int BLOCK, typename S>
-static void gemv_t(const Args& a, int64_t n0, int64_t n1) {
-  std::vector<float> buf(2 * a.nb);
-  const float* d = buf.data();
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* mn = row_scales<S>(a, n, buf.data());
-    int64_t m = 0;
-    if (a.qx) {
-#ifdef FM_ZMM
-      if (BLOCK == 32) {
-        for (; m + 4 <= a.M; m += 4) rows_i8_zmm<BITS, 4>(a, n, m, d, mn);
-        for (; m < a.M; ++m) rows_i8_zmm<BITS, 1>(a, n, m, d, mn);
-        continue;
+    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
+    for (int c = 0; c < CH; ++c)
+      for (int r = 0; r < kRows; ++r) {
+        const __m128i q = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(load_i32(wq + 64 * c + 4 * r)));
+        const __m128 dv = _mm_set1_ps(d[b * kRows + r]), mv = _mm_set1_ps(mn[b * kRows + r]);
+        float* row = dst + r * a.K + b * BLOCK + 4 * c;
+        if (BITS == 4) {
+          _mm_storeu_ps(row, _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_and_si128(q, nib)), dv, mv));
+          _mm_storeu_ps(row + 16, _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_srli_epi32(q, 4)), dv, mv));
+        } else {
+          _mm_storeu_ps(row, _mm_fmadd_ps(_mm_cvtepi32_ps(q), dv, mv));
+        }
       }
+  }
+}
+
+// ---- integer path: x quantized to int8 per block, integer dot products ----
+
+#ifdef FM_ZMM
+// Rows m0..m0+MR of x against the 16 rows of group g, 512-bit VNNI; acc lane r = output row 16 g + r.
+// A independent integer sums per row of x (4 for one row: a single chain of dependent `vpdpbusd`s waits
+// 5 cycles each and made the kernel latency-bound, 12 GB/s on one core in cache), added per block.
+template <int BITS, int BLOCK, int MR>
+static void group_i8(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, __m512* acc) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 acc_min[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
+    __m512i dot[MR][A];
+    for (int m = 0; m < MR; ++m)
+      for (int i = 0; i < A; ++i) dot[m][i] = _mm512_setzero_si512();
+    for (int c = 0; c < CH; ++c) {
+      const __m512i v = _mm512_loadu_si512(wq + 64 * c);
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xb = a.qx + (m0 + m) * a.K + b * BLOCK + 4 * c;
+        if (BITS == 4) {
+          __m512i& lo = dot[m][(2 * c) % A];
+          __m512i& hi = dot[m][(2 * c + 1) % A];
+          lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, nib), _mm512_set1_epi32(load_i32(xb)));
+          hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_set1_epi32(load_i32(xb + 16)));
+        } else {
+          dot[m][c % A] = _mm512_dpbusd_epi32(dot[m][c % A], v, _mm512_set1_epi32(load_i32(xb)));
+        }
+      }
+    }
+    const __m512 dv = _mm512_loadu_ps(d + b * kRows), mv = _mm512_loadu_ps(mn + b * kRows);
+    for (int m = 0; m < MR; ++m) {
+      __m512i sum = dot[m][0];
+      for (int i = 1; i < A; ++i) sum = _mm512_add_epi32(sum, dot[m][i]);
+      const int64_t xb = (m0 + m) * a.nb + b;
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(a.sx[xb])), acc[m]);
+      acc_min[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.xsum[xb]), acc_min[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_ps(acc[m], acc_min[m]);
+}
+#else
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef FM_DPBUSD
+  return FM_DPBUSD(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
-      for (; m + 4 <= a.M; m += 4) rows_i8<BITS, BLOCK, 4>(a, n, m, d, mn);
-      for (; m < a.M; ++m) rows_i8<BITS, BLOCK, 1>(a, n, m, d, mn);
-    } else {
-      for (; m + 4 <= a.M; m += 4) rows_f32<BITS, BLOCK, 4>(a, n, m, d, mn);
-      for (; m < a.M; ++m) rows_f32<BITS, BLOCK, 1>(a, n, m, d, mn);
+}
+
+// Rows m0..m0+MR of x against 8 rows (half h) of group g with 256-bit vectors: acc lane r = row 16 g + 8 h + r.
+// Without VNNI, 8-bit values are made signed again and the sign moved onto x (`vpmaddubsw` would saturate
+// on 255 * 127 pairs); the zero point is then not in the mins (kZeroPointI8 below). A chains as in group_i8.
+template <int BITS, int BLOCK, int MR>
+static void half_i8(const Args& a, int64_t g, int h, int64_t m0, const float* d, const float* mn, __m256* acc) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256 acc_min[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 32 * h;
+    __m256i dot[MR][A];
+    for (int m = 0; m < MR; ++m)
+      for (int i = 0; i < A; ++i) dot[m][i] = _mm256_setzero_si256();
+    for (int c = 0; c < CH; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 64 * c));
+#ifndef FM_DPBUSD
+      const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))), wu = _mm256_abs_epi8(ws);
+#endif
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xb = a.qx + (m0 + m) * a.K + b * BLOCK + 4 * c;
+        if (BITS == 4) {
+          __m256i& lo = dot[m][(2 * c) % A];
+          __m256i& hi = dot[m][(2 * c + 1) % A];
+          lo = dot_u8s8(lo, _mm256_and_si256(v, nib), _mm256_set1_epi32(load_i32(xb)));
+          hi = dot_u8s8(hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), _mm256_set1_epi32(load_i32(xb + 16)));
+        } else {
+#ifdef FM_DPBUSD
+          dot[m][c % A] = dot_u8s8(dot[m][c % A], v, _mm256_set1_epi32(load_i32(xb)));
+#else
+          dot[m][c % A] = dot_u8s8(dot[m][c % A], wu, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb)), ws));
+#endif
+        }
+      }
+    }
+    const __m256 dv = _mm256_loadu_ps(d + b * kRows + 8 * h), mv = _mm256_loadu_ps(mn + b * kRows + 8 * h);
+    for (int m = 0; m < MR; ++m) {
+      __m256i sum = dot[m][0];
+      for (int i = 1; i < A; ++i) sum = _mm256_add_epi32(sum, dot[m][i]);
+      const int64_t xb = (m0 + m) * a.nb + b;
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dv, _mm256_set1_ps(a.sx[xb])), acc[m]);
+      acc_min[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.xsum[xb]), acc_min[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_ps(acc[m], acc_min[m]);
+}
+#endif
+
+#ifdef FM_DPBUSD
+constexpr bool kZeroPointI8 = true;  // dot products of the stored (+ 128) bytes: the mins carry -128 d
+#else
+constexpr bool kZeroPointI8 = false;  // AVX2 makes the 8-bit values signed before the dot product
+#endif
+
+// ---- float path: the weight dequantized in registers (fma(q, d, min)) against float32 x ----
+
+// Lane helpers of the float path: 16 (512-bit) or 8 (256-bit) lanes, 4 weights of one row per 4 lanes.
+#ifdef FM_ZMM
+static inline __m512 vzero() { return _mm512_setzero_ps(); }
+static inline __m512 row_lanes(const float* p) {  // p[0] x4, p[1] x4, p[2] x4, p[3] x4
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p)));
+}
+static inline __m512i load_u8_lanes(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline __m512i vand(__m512i q, int m) { return _mm512_and_si512(q, _mm512_set1_epi32(m)); }
+static inline __m512i vsrl4(__m512i q) { return _mm512_srli_epi32(q, 4); }
+static inline __m512 vcvt(__m512i q) { return _mm512_cvtepi32_ps(q); }
+static inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline __m512 x_lanes(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+static inline void vstore(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+#else
+static inline __m256 vzero() { return _mm256_setzero_ps(); }
+static inline __m256 row_lanes(const float* p) { return _mm256_set_m128(_mm_broadcast_ss(p + 1), _mm_broadcast_ss(p)); }
+static inline __m256i load_u8_lanes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+static inline __m256i vand(__m256i q, int m) { return _mm256_and_si256(q, _mm256_set1_epi32(m)); }
+static inline __m256i vsrl4(__m256i q) { return _mm256_srli_epi32(q, 4); }
+static inline __m256 vcvt(__m256i q) { return _mm256_cvtepi32_ps(q); }
+static inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline __m256 x_lanes(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+static inline void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+static inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+#endif
+
+// Rows m0..m0+MR of x against group g. Lanes hold 4 consecutive weights of a few rows (512-bit: 4
+// rows, 256-bit: 2), so each pass j covers those rows over every block (the group, a few KB, stays in
+// L1 between passes) and sums the 4 lanes of a row at the end into res[m][row].
+template <int BITS, int BLOCK, int MR>
+static void group_f32(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, float (*res)[kRows]) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4;
+#ifdef FM_ZMM
+  using V = __m512;
+  constexpr int RP = 4;  // rows per pass
+#else
+  using V = __m256;
+  constexpr int RP = 2;
+#endif
+  constexpr int A = MR == 1 ? 4 : 2;  // independent sums per row of x (one chain of fmas is latency-bound)
+  for (int j = 0; j < kRows / RP; ++j) {
+    V acc[MR][A];
+    for (int m = 0; m < MR; ++m)
+      for (int i = 0; i < A; ++i) acc[m][i] = vzero();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const V dv = row_lanes(d + b * kRows + RP * j), mv = row_lanes(mn + b * kRows + RP * j);
+      const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 4 * RP * j;
+      for (int c = 0; c < CH; ++c) {
+        const auto q = load_u8_lanes(wq + 64 * c);
+        const float* xb = a.x + m0 * a.K + b * BLOCK + 4 * c;
+        if (BITS == 4) {
+          const V lo = vfma(vcvt(vand(q, 0x0F)), dv, mv), hi = vfma(vcvt(vsrl4(q)), dv, mv);
+          for (int m = 0; m < MR; ++m) {
+            V& al = acc[m][(2 * c) % A];
+            V& ah = acc[m][(2 * c + 1) % A];
+            al = vfma(lo, x_lanes(xb + m * a.K), al);
+            ah = vfma(hi, x_lanes(xb + m * a.K + 16), ah);
+          }
+        } else {
+          const V w = vfma(vcvt(q), dv, mv);
+          for (int m = 0; m < MR; ++m) acc[m][c % A] = vfma(w, x_lanes(xb + m * a.K), acc[m][c % A]);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      V sum = acc[m][0];
+      for (int i = 1; i < A; ++i) sum = vadd(sum, acc[m][i]);
+      float t[4 * RP];
+      vstore(t, sum);
+      for (int r = 0; r < RP; ++r) res[m][RP * j + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
     }
   }
 }
 
-template <typename S>
-static void gemv_s(const Args& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4) gemv_t<4, 32, S>(a, n0, n1);
-  else if (a.block == 32) gemv_t<8, 32, S>(a, n0, n1);
-  else gemv_t<8, 16, S>(a, n0, n1);
+// ---- dispatch over one range of groups ----
+
+static inline void store_rows(const Args& a, int64_t g, int64_t m, const float* v) {
+  const int64_t n0 = g * kRows, n = std::min<int64_t>(kRows, a.N - n0);
+  std::memcpy(a.out + m * a.N + n0, v, n * sizeof(float));
 }
 
-template <typename S>
-static void dequant_s(const Args& a, int64_t n0, int64_t n1, float* dst) {
-  if (a.bits == 4) dequant_rows_t<4, 32, S>(a, n0, n1, dst);
-  else if (a.block == 32) dequant_rows_t<8, 32, S>(a, n0, n1, dst);
-  else dequant_rows_t<8, 16, S>(a, n0, n1, dst);
+template <int BITS, int BLOCK, int MR>
+static void tile_i8(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+#ifdef FM_ZMM
+  alignas(64) float v[kRows];
+  __m512 acc[MR];
+  group_i8<BITS, BLOCK, MR>(a, g, m0, d, mn, acc);
+  for (int m = 0; m < MR; ++m) {
+    _mm512_store_ps(v, acc[m]);
+    store_rows(a, g, m0 + m, v);
+  }
+#else
+  float res[MR][kRows];
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MR];
+    half_i8<BITS, BLOCK, MR>(a, g, h, m0, d, mn, acc);
+    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(res[m] + 8 * h, acc[m]);
+  }
+  for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
+#endif
 }
 
-static void gemv(const Args& a, int64_t n0, int64_t n1) {
-  a.half ? gemv_s<at::Half>(a, n0, n1) : gemv_s<float>(a, n0, n1);
+template <int BITS, int BLOCK, int MR>
+static void tile_f32(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+  float res[MR][kRows];
+  group_f32<BITS, BLOCK, MR>(a, g, m0, d, mn, res);
+  for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
 }
 
-static void dequant_rows(const Args& a, int64_t n0, int64_t n1, float* dst) {
-  a.half ? dequant_s<at::Half>(a, n0, n1, dst) : dequant_s<float>(a, n0, n1, dst);
+template <int BITS, int BLOCK>
+static void gemv_t(const Args& a, int64_t g0, int64_t g1) {
+  std::vector<float> buf(2 * a.nb * kRows);
+  float *d = buf.data(), *mn = d + a.nb * kRows;
+  const bool i8 = a.qx != nullptr;
+  for (int64_t g = g0; g < g1; ++g) {
+    group_scales(a, g, BITS == 8 && (!i8 || kZeroPointI8), d, mn);
+    int64_t m = 0;
+    if (i8) {
+      for (; m + 4 <= a.M; m += 4) tile_i8<BITS, BLOCK, 4>(a, g, m, d, mn);
+      for (; m < a.M; ++m) tile_i8<BITS, BLOCK, 1>(a, g, m, d, mn);
+    } else {
+      for (; m + 4 <= a.M; m += 4) tile_f32<BITS, BLOCK, 4>(a, g, m, d, mn);
+      for (; m < a.M; ++m) tile_f32<BITS, BLOCK, 1>(a, g, m, d, mn);
+    }
+  }
+}
+
+static void gemv(const Args& a, int64_t g0, int64_t g1) {
+  if (a.bits == 4) gemv_t<4, 32>(a, g0, g1);
+  else if (a.block == 32) gemv_t<8, 32>(a, g0, g1);
+  else gemv_t<8, 16>(a, g0, g1);
+}
+
+// Groups g0..g1 dequantized into dst [(g1 - g0) * 16, K].
+static void dequant_groups(const Args& a, int64_t g0, int64_t g1, float* dst) {
+  std::vector<float> buf(2 * a.nb * kRows);
+  float *d = buf.data(), *mn = d + a.nb * kRows;
+  for (int64_t g = g0; g < g1; ++g) {
+    group_scales(a, g, a.bits == 8, d, mn);
+    float* rows = dst + (g - g0) * kRows * a.K;
+    if (a.bits == 4) dequant_group_t<4, 32>(a, g, d, mn, rows);
+    else if (a.block == 32) dequant_group_t<8, 32>(a, g, d, mn, rows);
+    else dequant_group_t<8, 16>(a, g, d, mn, rows);
+  }
 }

@@ -1,12 +1,13 @@
-// torch.ops.fmstack.block_linear: x float32 [M, K] @ a block-quantized weight [N, K] (the layout of
-// fmstack/quant/blocks.py) -> float32 [M, N], and torch.ops.fmstack.block_linear_isa (which code path).
+// torch.ops.fmstack.block_linear: x float32 [M, K] @ a block-quantized weight of n rows, interleaved by
+// 16 rows (fmstack/quant/blocks.py: pack_rows) -> float32 [M, n], and torch.ops.fmstack.block_linear_isa
+// (which code path).
 //
-// M <= kGemvRows (decode): the weight is streamed once; each weight block meets every row of x while
-// it is in registers. With int8_act, x is quantized per row and block exactly as
-// blocks.quantize_activations does, the block sums are integer dot products (VNNI / AVX2 / scalar),
-// one float multiply-add per block applies the two scales. Without it the weight is dequantized in
-// registers against float x. M > kGemvRows (prefill): tiles of weight rows are dequantized to float32
-// and multiplied with at::mm (BLAS), in parallel over tiles.
+// M <= kGemvRows (decode): the weight is streamed once, a group of 16 rows at a time; each chunk of it
+// meets every row of x while it is in registers. With int8_act, x is quantized per row and block
+// exactly as blocks.quantize_activations does, the block sums are integer dot products (VNNI / AVX2 /
+// scalar) of 16 rows at once, and one float multiply-add per block applies the scales of 16 rows.
+// Without it the weight is dequantized in registers against float x. M > kGemvRows (prefill): tiles of
+// 4 groups are dequantized to float32 and multiplied with at::mm (BLAS), in parallel over tiles.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -31,17 +33,17 @@
 
 namespace {
 
-constexpr int64_t kGemvRows = 16;
-constexpr int64_t kTileRows = 64;
+constexpr int64_t kGemvRows = 16;  // x rows up to which the weight is streamed once (decode)
+constexpr int64_t kRows = 16;      // output rows per interleaved group (fmstack/quant/blocks.py: pack_rows)
+constexpr int64_t kTileGroups = 4;  // groups per dequantized prefill tile (64 rows)
 
 struct Args {
-  const uint8_t* w;  // qweight, wrow bytes per row
-  int64_t wrow;
-  const void* sc;  // scales [N, nb], float or Half (half == true)
-  const void* mn;  // mins like scales, or nullptr
+  const uint8_t* w;  // interleaved qweight [G, nb, QB / 4 chunks, 16 rows, 4 bytes], QB = block * bits / 8
+  const void* sc;    // scales [G, nb, 16], float or Half (half == true)
+  const void* mn;    // mins like scales, or nullptr
   bool half;
   int bits, block;
-  int64_t M, N, K, nb;
+  int64_t M, N, K, nb, G;
   const float* x;       // float path: x [M, K]
   const int8_t* qx;     // int8 path: quantized x [M, K] (nullptr on the float path)
   const float* sx;      // its scales [M, nb]
@@ -49,40 +51,49 @@ struct Args {
   float* out;           // [M, N]
 };
 
-// ---- portable scalar path (non-x86, ATEN_CPU_CAPABILITY=default) ----
+// ---- portable scalar path (non-x86, ATEN_CPU_CAPABILITY=default): also the layout's plain statement ----
 namespace scalar {
 
 inline float ld(const void* p, bool half, int64_t i) {
   return half ? static_cast<float>(static_cast<const c10::Half*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-inline int q_at(const Args& a, const uint8_t* w, int64_t k) {  // weight value k of one row
-  if (a.bits == 8) return static_cast<int8_t>(w[k]);
-  const int64_t b = k / 32, j = k % 32;
-  const uint8_t byte = w[b * 16 + (j & 15)];
+// Stored value (unsigned: 4-bit 0..15, 8-bit q + 128) of row r (0..15) of group g, column k.
+inline int q_at(const Args& a, int64_t g, int r, int64_t k) {
+  const int64_t b = k / a.block, j = k % a.block, qb = a.block * a.bits / 8;
+  const uint8_t* blk = a.w + (g * a.nb + b) * kRows * qb;
+  if (a.bits == 8) return blk[(j / 4) * 64 + r * 4 + j % 4];
+  const int jj = j & 15;  // byte jj of the row's block holds values jj (low) and jj + 16 (high)
+  const uint8_t byte = blk[(jj / 4) * 64 + r * 4 + jj % 4];
   return j < 16 ? (byte & 0x0F) : (byte >> 4);
 }
 
-void gemv(const Args& a, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = a.w + n * a.wrow;
-    for (int64_t m = 0; m < a.M; ++m) {
-      float acc = 0.f;
-      for (int64_t b = 0; b < a.nb; ++b) {
-        const float d = ld(a.sc, a.half, n * a.nb + b), mv = a.mn ? ld(a.mn, a.half, n * a.nb + b) : 0.f;
-        if (a.qx) {
-          int32_t dot = 0;
-          for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k) dot += q_at(a, w, k) * a.qx[m * a.K + k];
-          const float s = a.sx[m * a.nb + b];
-          acc += d * s * (float)dot + mv * a.xsum[m * a.nb + b];
-        } else {
-          for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k)
-            acc += std::fma((float)q_at(a, w, k), d, mv) * a.x[m * a.K + k];
+// Scale and min (zero point folded in for 8-bit) of row r of group g, block b.
+inline void scale_min(const Args& a, int64_t g, int r, int64_t b, float& d, float& mv) {
+  const int64_t i = (g * a.nb + b) * kRows + r;
+  d = ld(a.sc, a.half, i);
+  mv = a.mn ? ld(a.mn, a.half, i) : 0.f;
+  if (a.bits == 8) mv = std::fma(-128.f, d, mv);
+}
+
+void gemv(const Args& a, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g)
+    for (int r = 0; r < kRows && g * kRows + r < a.N; ++r)
+      for (int64_t m = 0; m < a.M; ++m) {
+        float acc = 0.f, d, mv;
+        for (int64_t b = 0; b < a.nb; ++b) {
+          scale_min(a, g, r, b, d, mv);
+          if (a.qx) {
+            int32_t dot = 0;
+            for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k) dot += q_at(a, g, r, k) * a.qx[m * a.K + k];
+            acc += d * a.sx[m * a.nb + b] * (float)dot + mv * a.xsum[m * a.nb + b];
+          } else {
+            for (int64_t k = b * a.block; k < (b + 1) * a.block; ++k)
+              acc += std::fma((float)q_at(a, g, r, k), d, mv) * a.x[m * a.K + k];
+          }
         }
+        a.out[m * a.N + g * kRows + r] = acc;
       }
-      a.out[m * a.N + n] = acc;
-    }
-  }
 }
 
 // x in blocks: s = max|x| / 127 (1 for an all-zero block), q = round-half-even(x / s) in [-127, 127]:
@@ -106,13 +117,14 @@ void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, float* 
   }
 }
 
-void dequant_rows(const Args& a, int64_t n0, int64_t n1, float* dst) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int64_t b = k / a.block;
-      const float mv = a.mn ? ld(a.mn, a.half, n * a.nb + b) : 0.f;
-      dst[(n - n0) * a.K + k] = std::fma((float)q_at(a, a.w + n * a.wrow, k), ld(a.sc, a.half, n * a.nb + b), mv);
-    }
+void dequant_groups(const Args& a, int64_t g0, int64_t g1, float* dst) {
+  for (int64_t g = g0; g < g1; ++g)
+    for (int r = 0; r < kRows; ++r)
+      for (int64_t k = 0; k < a.K; ++k) {
+        float d, mv;
+        scale_min(a, g, r, k / a.block, d, mv);
+        dst[((g - g0) * kRows + r) * a.K + k] = std::fma((float)q_at(a, g, r, k), d, mv);
+      }
 }
 
 }  // namespace scalar
@@ -195,25 +207,25 @@ std::string block_linear_isa(const std::string& request) {
   return kIsaNames[current_isa()];
 }
 
-void run_gemv(Isa isa, const Args& a, int64_t n0, int64_t n1) {
+void run_gemv(Isa isa, const Args& a, int64_t g0, int64_t g1) {
   switch (isa) {
 #if FM_X86
-    case kAvx512Vnni: return avx512vnni::gemv(a, n0, n1);
-    case kAvxVnni: return avxvnni::gemv(a, n0, n1);
-    case kAvx2: return avx2::gemv(a, n0, n1);
+    case kAvx512Vnni: return avx512vnni::gemv(a, g0, g1);
+    case kAvxVnni: return avxvnni::gemv(a, g0, g1);
+    case kAvx2: return avx2::gemv(a, g0, g1);
 #endif
-    default: return scalar::gemv(a, n0, n1);
+    default: return scalar::gemv(a, g0, g1);
   }
 }
 
-void run_dequant(Isa isa, const Args& a, int64_t n0, int64_t n1, float* dst) {
+void run_dequant(Isa isa, const Args& a, int64_t g0, int64_t g1, float* dst) {
   switch (isa) {
 #if FM_X86
-    case kAvx512Vnni: return avx512vnni::dequant_rows(a, n0, n1, dst);
-    case kAvxVnni: return avxvnni::dequant_rows(a, n0, n1, dst);
-    case kAvx2: return avx2::dequant_rows(a, n0, n1, dst);
+    case kAvx512Vnni: return avx512vnni::dequant_groups(a, g0, g1, dst);
+    case kAvxVnni: return avxvnni::dequant_groups(a, g0, g1, dst);
+    case kAvx2: return avx2::dequant_groups(a, g0, g1, dst);
 #endif
-    default: return scalar::dequant_rows(a, n0, n1, dst);
+    default: return scalar::dequant_groups(a, g0, g1, dst);
   }
 }
 
@@ -233,49 +245,55 @@ void run_quantize(Isa isa, const float* x, int64_t nblocks, int64_t block, int8_
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                  const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block) {
+                  const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block, int64_t n) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "block_linear: x must be a contiguous float32 CPU matrix [M, K], got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK((bits == 8 && (block == 16 || block == 32)) || (bits == 4 && block == 32),
               "block_linear: bits=", bits, " block=", block, " is not supported (bits 8 with block 16 or 32; bits 4 with block 32)");
-  const int64_t N = qweight.size(0), K = x.size(1);
-  TORCH_CHECK(K % block == 0 && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / block,
-              "block_linear: scales must be [N, K/block] = [", N, ", ", K / block, "], got ", scales.sizes());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(1) == (bits == 8 ? K : K / 2) &&
+  const int64_t K = x.size(1), G = (n + kRows - 1) / kRows, row_bytes = K / block * kRows * block * bits / 8;
+  TORCH_CHECK(n >= 0 && K % block == 0, "block_linear: n=", n, " must be >= 0 and K=", K, " a multiple of block=", block);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.size(0) == G && qweight.size(1) == row_bytes &&
                   qweight.element_size() == 1,
-              "block_linear: qweight must be a contiguous [N, ", bits == 8 ? K : K / 2, "] byte tensor, got ",
-              qweight.scalar_type(), " ", qweight.sizes());
-  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf),
-              "block_linear: scales must be contiguous float32 or float16, got ", scales.scalar_type());
+              "block_linear: qweight must be a contiguous interleaved [G, ", row_bytes, "] byte tensor with G = ", G,
+              ", got ", qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(scales.is_contiguous() && scales.numel() == G * K / block * kRows &&
+                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf),
+              "block_linear: scales must be contiguous float32 or float16 [G, K/block, 16] = [", G, ", ", K / block,
+              ", 16], got ", scales.scalar_type(), " ", scales.sizes());
   if (mins)
     TORCH_CHECK(mins->is_contiguous() && mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
                 "block_linear: mins must match scales (", scales.scalar_type(), " ", scales.sizes(), "), got ",
                 mins->scalar_type(), " ", mins->sizes());
 }
 
-// Prefill: weight row tiles dequantized to float32, then BLAS; xf is x (or its int8 round trip).
-void tiled_mm(Isa isa, const Args& a, const at::Tensor& xf, at::Tensor& out) {
-  const int64_t tiles = (a.N + kTileRows - 1) / kTileRows;
+// Prefill: tiles of weight groups dequantized to float32, then BLAS; xf is x (or its int8 round trip).
+void tiled_mm(Isa isa, const Args& a, const at::Tensor& xf) {
+  const int64_t tiles = (a.G + kTileGroups - 1) / kTileGroups;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(kTileRows * a.K);
+    std::vector<float> buf(kTileGroups * kRows * a.K);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows, n1 = std::min(a.N, n0 + kTileRows);
-      run_dequant(isa, a, n0, n1, buf.data());
+      const int64_t g0 = t * kTileGroups, g1 = std::min(a.G, g0 + kTileGroups);
+      const int64_t n0 = g0 * kRows, n1 = std::min(a.N, g1 * kRows);
+      run_dequant(isa, a, g0, g1, buf.data());
       const at::Tensor w = at::from_blob(buf.data(), {n1 - n0, a.K}, xf.options());
-      out.narrow(1, n0, n1 - n0).copy_(at::mm(xf, w.t()));
+      const at::Tensor part = at::mm(xf, w.t()).contiguous();  // [M, n1 - n0]
+      // copied by hand: an in-place copy_ into `out` is refused where the caller's tensors are
+      // inference tensors (a compiled graph run outside inference mode on weights loaded inside it)
+      const float* src = part.data_ptr<float>();
+      for (int64_t m = 0; m < a.M; ++m) std::memcpy(a.out + m * a.N + n0, src + m * (n1 - n0), (n1 - n0) * sizeof(float));
     }
   });
 }
 
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block, bool int8_act) {
-  check_inputs(x, qweight, scales, mins, bits, block);
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), nb = K / block;
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  Args a{static_cast<const uint8_t*>(qweight.data_ptr()), qweight.size(1), scales.data_ptr(),
-         mins ? mins->data_ptr() : nullptr, scales.scalar_type() == at::kHalf, (int)bits, (int)block,
-         M, N, K, nb, x.data_ptr<float>(), nullptr, nullptr, nullptr, out.data_ptr<float>()};
+                        const c10::optional<at::Tensor>& mins, int64_t bits, int64_t block, int64_t n, bool int8_act) {
+  check_inputs(x, qweight, scales, mins, bits, block, n);
+  const int64_t M = x.size(0), K = x.size(1), nb = K / block, G = qweight.size(0);
+  at::Tensor out = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return out;
+  Args a{static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), mins ? mins->data_ptr() : nullptr,
+         scales.scalar_type() == at::kHalf, (int)bits, (int)block, M, n, K, nb, G, x.data_ptr<float>(), nullptr,
+         nullptr, nullptr, out.data_ptr<float>()};
   const Isa isa = current_isa();
   std::vector<int8_t> q;
   std::vector<float> s, xsum;
@@ -286,18 +304,19 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   if (M > kGemvRows) {  // with int8_act, x is replaced by its int8 round trip, in float
     const at::Tensor xf = int8_act ? at::empty({M, K}, x.options()) : x;
     if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), xf.data_ptr<float>());
-    tiled_mm(isa, a, xf, out);
+    tiled_mm(isa, a, xf);
     return out;
   }
   if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), nullptr);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { run_gemv(isa, a, n0, n1); });
+  // a few groups per task: one group of a 576-wide Q4_1 matrix is 5.8 KB, too little to hand a thread alone
+  at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) { run_gemv(isa, a, g0, g1); });
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fmstack, m) {
-  m.def("block_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, bool int8_act) -> Tensor");
+  m.def("block_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, int n, bool int8_act) -> Tensor");
   m.def("block_linear_isa(str request) -> str", &block_linear_isa);
 }
 
