@@ -14,7 +14,7 @@ streamed per second. Kernels:
   int4 fmstack eager     ops.int4_mm on the group-planar layout outside torch.compile
   int4 fmstack compiled  the same inside torch.compile (M <= ops.REDUCTION_MAX_ROWS: the fused reduction)
 
-and the block kernels of `fmstack.quant.native` (`torch.ops.fmstack.block_linear`), per code path
+and the block kernels of `fmstack.native` (`torch.ops.fmstack.block_linear`), per code path
 (`--isas`: avx512vnni, avxvnni, avx2, scalar; those this CPU has), on the block layouts GGUF files
 keep as they are:
 
@@ -50,7 +50,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmstack.quant import QuantSpec, native, ops, rtn_portable  # noqa: E402
+from fmstack import native  # noqa: E402
+from fmstack.quant import QuantSpec, ops, rtn_portable  # noqa: E402
 from fmstack.quant.blocks import BlockWeight
 from fmstack.quant.linear import Int4Linear, Int8Linear, quantize_int8  # noqa: E402
 

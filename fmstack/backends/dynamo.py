@@ -23,6 +23,19 @@ def mark_dynamic(t: Tensor, dim: int) -> None:
         fn(t, dim)
 
 
+# resolved at import: `symbol` imports lazily, which Dynamo refuses to trace inside a compiled step
+_statically_known_true = symbol("shapes.statically_known_true")
+
+
+def known_at_most(size: int, limit: int) -> bool:
+    """Whether `size <= limit` is known without a guard: a static size (eager, or a static-shape
+    graph) compares as usual; a size Dynamo traces as symbolic (a dynamic-length prefill) gives False
+    unless its range proves it, instead of a guard that would compile a second graph past `limit`.
+    Without the symbol (stock path): the plain comparison."""
+    fn = _statically_known_true
+    return bool(fn(size <= limit)) if fn is not None else size <= limit
+
+
 def maybe_mark_dynamic(t: Tensor, dim: int) -> None:
     """Like `mark_dynamic`, but Dynamo may still specialize the dimension (no error if it does)."""
     fn = symbol("dynamo.maybe_mark_dynamic")

@@ -39,6 +39,7 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "dynamo.mark_dynamic": _module_attr("torch._dynamo", "mark_dynamic"),
     "dynamo.maybe_mark_dynamic": _module_attr("torch._dynamo", "maybe_mark_dynamic"),
     "dynamo.counters": _module_attr("torch._dynamo.utils", "counters"),
+    "shapes.statically_known_true": _module_attr("torch.fx.experimental.symbolic_shapes", "statically_known_true"),
     "C.dispatch_has_kernel": lambda: torch._C._dispatch_has_kernel_for_dispatch_key,
     "aten._weight_int8pack_mm": _op("aten", "_weight_int8pack_mm"),
     "aten._weight_int4pack_mm": _op("aten", "_weight_int4pack_mm"),

@@ -153,6 +153,11 @@ def cpu_decode_backend(max_rows: int, options: dict[str, Any]) -> Callable:
             # implemented for cpp wrapper"); the Python wrapper defines the region's code once and
             # calls it for every layer (docs/compile.md: what that costs per step)
             patches["cpp_wrapper"] = False
+        if not patches.get("cpp_wrapper"):
+            # the Python wrapper re-checks every input's and op output's size and stride with an
+            # `assert_size_stride` call (~20 per decoder block in the decode step), all shapes Inductor
+            # itself derived: pure per-step Python time at static shapes
+            patches["size_asserts"] = False
         # Both on-disk caches (AOTAutograd's, keyed on the graph before decomposition, and Inductor's
         # FX graph cache) key on Inductor's config: the key pass puts this backend's settings there,
         # so neither hands back the stock (BLAS) build of the same graph, nor that of another max_rows.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fmstack.quant import native
+from fmstack import native
 
 BITS = (4, 8)
 BLOCKS = (16, 32)

@@ -1,6 +1,7 @@
 // torch.ops.fmstack.block_linear: x float32 [M, K] @ a block-quantized weight of n rows, interleaved by
 // 16 rows (fmstack/quant/blocks.py: pack_rows) -> float32 [M, n], and torch.ops.fmstack.block_linear_isa
-// (which code path).
+// (which code path); torch.ops.fmstack.decode_attention (attention of a few query tokens over a
+// masked KV cache, attention_kernels.h).
 //
 // M <= kGemvRows (decode): the weight is streamed once, a group of 16 rows at a time; each chunk of it
 // meets every row of x while it is in registers. With int8_act, x is quantized per row and block
@@ -127,6 +128,27 @@ void dequant_groups(const Args& a, int64_t g0, int64_t g1, float* dst) {
       }
 }
 
+void attend_row(const float* q, const float* k, const float* v, const uint8_t* visible, int64_t S, int64_t D,
+                float scale, float* sc, float* out) {
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!visible[s]) continue;
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * D + d];
+    sc[s] = dot * scale;
+    mx = std::max(mx, sc[s]);
+  }
+  std::fill(out, out + D, 0.f);
+  if (mx == -INFINITY) return;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!visible[s]) continue;
+    const float p = std::exp(sc[s] - mx);
+    sum += p;
+    for (int64_t d = 0; d < D; ++d) out[d] += p * v[s * D + d];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] /= sum;
+}
+
 }  // namespace scalar
 
 #if FM_X86
@@ -134,6 +156,7 @@ void dequant_groups(const Args& a, int64_t g0, int64_t g1, float* dst) {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "block_kernels.h"
+#include "attention_kernels.h"
 }
 #pragma GCC pop_options
 
@@ -142,6 +165,7 @@ namespace avx2 {
 namespace avxvnni {
 #define FM_DPBUSD _mm256_dpbusd_avx_epi32
 #include "block_kernels.h"
+#include "attention_kernels.h"
 #undef FM_DPBUSD
 }
 #pragma GCC pop_options
@@ -152,6 +176,7 @@ namespace avx512vnni {
 #define FM_DPBUSD _mm256_dpbusd_epi32
 #define FM_ZMM 1
 #include "block_kernels.h"
+#include "attention_kernels.h"
 #undef FM_ZMM
 #undef FM_DPBUSD
 }
@@ -313,11 +338,68 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return out;
 }
 
+
+void run_attend_row(Isa isa, const float* q, const float* k, const float* v, const uint8_t* visible, int64_t S,
+                    int64_t D, float scale, float* sc, float* out) {
+  switch (isa) {  // a head size the vector path has no variant for falls through to the scalar loop
+#if FM_X86
+    case kAvx512Vnni:
+      if (avx512vnni::attend_row(q, k, v, visible, S, D, scale, sc, out)) return;
+      [[fallthrough]];
+    case kAvxVnni:
+      if (avxvnni::attend_row(q, k, v, visible, S, D, scale, sc, out)) return;
+      [[fallthrough]];
+    case kAvx2:
+      if (avx2::attend_row(q, k, v, visible, S, D, scale, sc, out)) return;
+      [[fallthrough]];
+#endif
+    default: return scalar::attend_row(q, k, v, visible, S, D, scale, sc, out);
+  }
+}
+
+// q [B, H, T, D] over one layer's cache k, v [B, Hkv, S, D] (query head h reads kv head h / (H / Hkv)),
+// visible [B, 1, T, S] bool: which keys query token t sees. Softmax over the visible keys only, so the
+// cost follows the filled part of the cache, not its allocation. -> [B, H, T, D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& visible,
+                            double scale) {
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->is_contiguous(),
+                "decode_attention: q, k and v must be contiguous float32 CPU tensors [B, heads, length, D], got ",
+                t->scalar_type(), " ", t->sizes());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: k and v must be [B, Hkv, S, D] with H a multiple of Hkv; q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous() &&
+                  visible.sizes() == at::IntArrayRef({B, 1, T, S}),
+              "decode_attention: visible must be a contiguous bool [B, 1, T, S] = [", B, ", 1, ", T, ", ", S, "], got ",
+              visible.scalar_type(), " ", visible.sizes());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const Isa isa = current_isa();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const auto* mp = reinterpret_cast<const uint8_t*>(visible.data_ptr<bool>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, kv = (b * Hkv + (i % H) / (H / Hkv)) * S * D;
+      for (int64_t t = 0; t < T; ++t)
+        run_attend_row(isa, qp + (i * T + t) * D, kp + kv, vp + kv, mp + (b * T + t) * S, S, D, (float)scale,
+                       sc.data(), op + (i * T + t) * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fmstack, m) {
   m.def("block_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, int n, bool int8_act) -> Tensor");
   m.def("block_linear_isa(str request) -> str", &block_linear_isa);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fmstack, CPU, m) { m.impl("block_linear", &block_linear); }
+TORCH_LIBRARY_IMPL(fmstack, CPU, m) {
+  m.impl("block_linear", &block_linear);
+  m.impl("decode_attention", &decode_attention);
+}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fmstack.backends import compile_counters
-from fmstack.quant import native
+from fmstack import native
 from fmstack.quant.blocks import (BlockLinear, BlockWeight, block_linear, block_linear_reference, pack_nibbles,
                                   pack_rows)
 
@@ -85,7 +85,7 @@ def test_aten_cpu_capability_avx2_selects_the_avx2_path():
     mtime = lib.stat().st_mtime_ns
     script = (
         "import json, torch\n"
-        "from fmstack.quant import native\n"
+        "from fmstack import native\n"
         "from fmstack.quant.blocks import BlockWeight, block_linear, block_linear_reference\n"
         "assert native.available()\n"
         "g = torch.Generator().manual_seed(0)\n"
@@ -190,7 +190,7 @@ def test_unknown_isa_request_is_an_error():
 @pytest.mark.slow
 def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes building into one empty cache: both load a working op, one library results."""
-    script = ("import torch\nfrom fmstack.quant import native\nassert native.available(), native._state\n"
+    script = ("import torch\nfrom fmstack import native\nassert native.available(), native._state\n"
               "print(native.isa())\n")
     env = dict(os.environ, FMSTACK_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,

@@ -1,6 +1,9 @@
-"""fmstack's native CPU kernels for block-quantized weights (`fmstack.quant.blocks`): the op
-`torch.ops.fmstack.block_linear`, built from `block_linear.cpp` on first use with the C++ compiler
-torch.compile already needs, and cached across processes.
+"""fmstack's native CPU kernels, built from `kernels.cpp` on first use with the C++ compiler
+torch.compile already needs, and cached across processes:
+
+  torch.ops.fmstack.block_linear      matmul with block-quantized weights (`fmstack.quant.blocks`)
+  torch.ops.fmstack.decode_attention  a few query tokens over a masked KV cache (the static cache's
+                                      decode step, `fmstack.generation.kv_cache`): the visible keys only
 
 Why our own op: no library kernel takes ggml's block layout as it is. torchao 0.18 (the PyPI wheel
 for this torch) ships only CUDA libraries, which do not load on a CPU machine, and its x86
@@ -38,7 +41,7 @@ from fmstack.paths import cache_dir
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "FMSTACK_NATIVE_KERNELS"
-SOURCES = ("block_linear.cpp", "block_kernels.h")
+SOURCES = ("kernels.cpp", "block_kernels.h", "attention_kernels.h")
 # -fopenmp: at::parallel_for is a header template over `#pragma omp parallel`; built without it the op
 # ran on one thread whatever torch.set_num_threads said (2 threads took the time of 1). The library
 # then needs libgomp.so.1, the soname of the copy torch itself loads, so both share one thread pool.
@@ -82,7 +85,7 @@ def build_dir() -> Path:
 
 
 def _library_name(key: str) -> str:
-    return f"fmstack_blocks_{key}"
+    return f"fmstack_kernels_{key}"
 
 
 def _build(directory: Path, name: str) -> None:
@@ -93,7 +96,7 @@ def _build(directory: Path, name: str) -> None:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # else cpp_extension's baton waits forever
     t0 = time.perf_counter()
-    cpp_extension.load(name=name, sources=[str(_here / "block_linear.cpp")], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+    cpp_extension.load(name=name, sources=[str(_here / "kernels.cpp")], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        extra_include_paths=[str(_here)], build_directory=str(directory),
                        is_python_module=False, verbose=False)
     log.info("built the native block kernels in %.1f s (%s)", time.perf_counter() - t0, directory)
@@ -149,8 +152,20 @@ def block_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor | None
     return torch.ops.fmstack.block_linear(x, qweight.contiguous(), scales.contiguous(), mins, bits, block, n, int8_act)
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+    """`torch.ops.fmstack.decode_attention`: q `[B, H, T, D]` over one layer's cache k, v `[B, Hkv, S, D]`
+    (float32; query head h reads kv head h // (H / Hkv)), `visible` bool `[B, 1, T, S]` -> `[B, H, T, D]`,
+    softmax over the visible keys only; only after `available()`."""
+    return torch.ops.fmstack.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                              visible.expand(q.shape[0], 1, q.shape[2], k.shape[2]).contiguous(), scale)
+
+
 def _register_fake() -> None:
-    """Shape rule for torch.compile (FakeTensor tracing: no graph break), once the op exists."""
+    """Shape rules for torch.compile (FakeTensor tracing: no graph break), once the ops exist."""
     @torch.library.register_fake("fmstack::block_linear")
     def _(x, qweight, scales, mins, bits, block, n, int8_act):
         return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("fmstack::decode_attention")
+    def _(q, k, v, visible, scale):
+        return torch.empty_like(q)
