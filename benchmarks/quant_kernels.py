@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from fmstack import native  # noqa: E402
 from fmstack.quant import QuantSpec, ops, rtn_portable  # noqa: E402
-from fmstack.quant.blocks import BlockWeight
+from fmstack.quant.blocks import BlockWeight, PackedBlocks, pack_rows
 from fmstack.quant.linear import Int4Linear, Int8Linear, quantize_int8  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (N, K) per layer
@@ -112,13 +112,14 @@ def kernels(layers, group_size: int) -> dict:
     return ks
 
 
-def random_blocks(layout: str, n: int, k: int, g: torch.Generator) -> BlockWeight:
-    """Random values in a GGUF layout (timing only: the kernels' speed does not depend on the values)."""
+def random_blocks(layout: str, n: int, k: int, g: torch.Generator) -> PackedBlocks:
+    """Random values in a GGUF layout, interleaved as modules hold them (timing only: the kernels'
+    speed does not depend on the values)."""
     scales = (torch.rand(n, k // 32, generator=g) * 0.01).half()
     if layout == "Q4_1":
         q = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-        return BlockWeight(q, scales, -8 * scales, 4, 32)
-    return BlockWeight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), scales, None, 8, 32)
+        return pack_rows(BlockWeight(q, scales, -8 * scales, 4, 32))
+    return pack_rows(BlockWeight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), scales, None, 8, 32))
 
 
 def block_kernels(isas: list[str]) -> dict:
@@ -132,7 +133,7 @@ def block_kernels(isas: list[str]) -> dict:
         def run(xs):
             native.isa(isa)
             for w in ws:
-                native.block_linear(xs[w.in_features], w.qweight, w.scales, w.mins, w.bits, w.block, int8_act)
+                native.block_linear(xs[w.in_features], w.qweight, w.scales, w.mins, w.bits, w.block, w.n, int8_act)
         return run
 
     ks = {}

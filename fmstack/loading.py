@@ -113,13 +113,12 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str | torch
     return loaded
 
 
-# Whether a quantized GGUF on CPU (fp32, one process) runs from its blocks (`--quantize gguf`) when no
-# --quantize is given. Off: measured on 2026-12-02 (benchmarks/results/quant_blocks_cpu.json, quiet
-# machine, compiled, batch 1), `gguf` decoded at 25.7 tok/s against 51.4 for int8 and 83.7 for
-# llama-cpp-python, because the native float-activation block kernel streams ~3 GB/s, not memory
-# speed. The memory saving (92 MiB of weights instead of 513) is not worth halving the default's
-# speed; turn this on once the kernel is faster than the float model.
-GGUF_BLOCKS_BY_DEFAULT = False
+# Whether a quantized GGUF on CPU (fp32, one process) runs from its blocks (`--quantize gguf`, exact:
+# the dequantized model's logits within float32 rounding) when no --quantize is given. On since the
+# row-interleaved kernels (fmstack/native): the default model decodes faster from its 94 MB of blocks
+# than from 513 MB of fp32 (benchmarks/results/quant_blocks_cpu.json has both in one run), where the
+# first, row-major kernel streamed ~3 GB/s and the default was off (25.7 tok/s against 51.4 for int8).
+GGUF_BLOCKS_BY_DEFAULT = True
 
 def _load(spec: str, device, dtype, seed: int, quantize: str | None, group_size: int,
           plan: ParallelPlan | None = None) -> LoadedModel:

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -48,7 +49,8 @@ struct Args {
   const float* x;       // float path: x [M, K]
   const int8_t* qx;     // int8 path: quantized x [M, K] (nullptr on the float path)
   const float* sx;      // its scales [M, nb]
-  const float* xsum;    // sx * (sum of the block's q) [M, nb]: the mins' factor
+  const float* xsum;    // sx * (sum of the block's q) [M, nb]: the mins' factor (int8 path)
+  const float* xs;      // float path: the sum of x over each block [M, nb] (the mins' factor)
   float* out;           // [M, N]
 };
 
@@ -318,7 +320,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   if (M == 0 || n == 0) return out;
   Args a{static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), mins ? mins->data_ptr() : nullptr,
          scales.scalar_type() == at::kHalf, (int)bits, (int)block, M, n, K, nb, G, x.data_ptr<float>(), nullptr,
-         nullptr, nullptr, out.data_ptr<float>()};
+         nullptr, nullptr, nullptr, out.data_ptr<float>()};
   const Isa isa = current_isa();
   std::vector<int8_t> q;
   std::vector<float> s, xsum;
@@ -333,6 +335,12 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     return out;
   }
   if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), nullptr);
+  std::vector<float> xs;
+  if (!int8_act) {  // sums of x per block: the float path's mins term
+    xs.resize(M * nb);
+    for (int64_t i = 0; i < M * nb; ++i) xs[i] = std::accumulate(a.x + i * block, a.x + (i + 1) * block, 0.f);
+    a.xs = xs.data();
+  }
   // a few groups per task: one group of a 576-wide Q4_1 matrix is 5.8 KB, too little to hand a thread alone
   at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) { run_gemv(isa, a, g0, g1); });
   return out;

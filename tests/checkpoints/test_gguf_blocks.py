@@ -96,10 +96,11 @@ def test_default_mode_on_cpu(hf_models, tmp_path, monkeypatch):
     import fmstack.loading
 
     path = write_gguf(hf_models["mha-tied"], tmp_path / "m.gguf", qtype=QT.Q8_0)
-    assert spec_of(load_model(str(path), quantize="auto").model) is None  # float until the kernel is faster
-    monkeypatch.setattr(fmstack.loading, "GGUF_BLOCKS_BY_DEFAULT", True)
-    assert spec_of(load_model(str(path), quantize="auto").model) == QuantSpec("gguf")
+    assert spec_of(load_model(str(path), quantize="auto").model) == QuantSpec("gguf")  # the default
     assert spec_of(load_model(str(path), quantize="auto", dtype="bf16").model) is None  # --dtype overrides it
+    assert spec_of(load_model(str(path), quantize="none").model) is None  # so does --quantize none
+    monkeypatch.setattr(fmstack.loading, "GGUF_BLOCKS_BY_DEFAULT", False)
+    assert spec_of(load_model(str(path), quantize="auto").model) is None
     f32 = write_gguf(hf_models["mha-tied"], tmp_path / "f.gguf")
     assert spec_of(load_model(str(f32), quantize="auto").model) is None  # float tensors stay float
 
