@@ -4,6 +4,8 @@ torch.compile already needs, and cached across processes:
   torch.ops.fmstack.block_linear      matmul with block-quantized weights (`fmstack.quant.blocks`)
   torch.ops.fmstack.decode_attention  a few query tokens over a masked KV cache (the static cache's
                                       decode step, `fmstack.generation.kv_cache`): the visible keys only
+  torch.ops.fmstack.block_rows        rows of a block-quantized weight in float32 (a quantized
+                                      embedding's lookup)
 
 Why our own op: no library kernel takes ggml's block layout as it is. torchao 0.18 (the PyPI wheel
 for this torch) ships only CUDA libraries, which do not load on a CPU machine, and its x86
@@ -160,6 +162,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: fl
                                               visible.expand(q.shape[0], 1, q.shape[2], k.shape[2]).contiguous(), scale)
 
 
+def block_rows(qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, block: int, n: int,
+               ids: Tensor) -> Tensor:
+    """`torch.ops.fmstack.block_rows`: rows `ids` (int64, any shape, flattened) of an interleaved block
+    weight (`fmstack.quant.blocks.pack_rows`, n rows) as float32 `[len(ids), K]`; only after `available()`."""
+    return torch.ops.fmstack.block_rows(qweight.contiguous(), scales.contiguous(),
+                                        None if mins is None else mins.contiguous(), bits, block, n, ids.reshape(-1))
+
+
 def _register_fake() -> None:
     """Shape rules for torch.compile (FakeTensor tracing: no graph break), once the ops exist."""
     @torch.library.register_fake("fmstack::block_linear")
@@ -169,3 +179,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("fmstack::decode_attention")
     def _(q, k, v, visible, scale):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("fmstack::block_rows")
+    def _(qweight, scales, mins, bits, block, n, ids):
+        return scales.new_empty((ids.shape[0], scales.shape[1] * block), dtype=torch.float32)

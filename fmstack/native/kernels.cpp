@@ -399,15 +399,50 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// Rows `ids` of an interleaved block weight (n rows, the layout of block_linear), dequantized to float32
+// [len(ids), K]: a quantized embedding's lookup, one extern call in a compiled graph instead of the
+// gather-and-dequantize expression Inductor would generate code for.
+at::Tensor block_rows(const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                      int64_t bits, int64_t block, int64_t n, const at::Tensor& ids) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1,
+              "block_rows: ids must be a 1-D int64 CPU tensor, got ", ids.scalar_type(), " ", ids.sizes());
+  TORCH_CHECK(scales.dim() == 3 && scales.size(2) == kRows, "block_rows: scales must be [G, K/block, 16], got ",
+              scales.sizes());
+  const int64_t K = scales.size(1) * block;
+  check_inputs(at::empty({0, K}, scales.options().dtype(at::kFloat)), qweight, scales, mins, bits, block, n);
+  const at::Tensor idc = ids.contiguous();
+  const int64_t T = idc.size(0), *id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(id[t] >= 0 && id[t] < n, "block_rows: id ", id[t], " at position ", t, " is out of range [0, ", n, ")");
+  at::Tensor out = at::empty({T, K}, scales.options().dtype(at::kFloat));
+  Args a{static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(), mins ? mins->data_ptr() : nullptr,
+         scales.scalar_type() == at::kHalf, (int)bits, (int)block, 0, n, K, K / block, qweight.size(0), nullptr,
+         nullptr, nullptr, nullptr, nullptr, out.data_ptr<float>()};
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = id[t] / kRows;
+      const int r = static_cast<int>(id[t] % kRows);
+      for (int64_t k = 0; k < K; ++k) {
+        float d, mv;
+        scalar::scale_min(a, g, r, k / block, d, mv);
+        a.out[t * K + k] = std::fma((float)scalar::q_at(a, g, r, k), d, mv);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fmstack, m) {
   m.def("block_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, int n, bool int8_act) -> Tensor");
   m.def("block_linear_isa(str request) -> str", &block_linear_isa);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible, float scale) -> Tensor");
+  m.def("block_rows(Tensor qweight, Tensor scales, Tensor? mins, int bits, int block, int n, Tensor ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fmstack, CPU, m) {
   m.impl("block_linear", &block_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("block_rows", &block_rows);
 }

@@ -226,3 +226,18 @@ def test_real_gguf_blocks_match_ggml_dequantization(smollm2_gguf, name):
     float_act = block_linear(x, w, False)
     torch.testing.assert_close(float_act, x @ dense.T, rtol=1e-5, atol=1e-5 * float_act.abs().max().item())
     assert_matches_reference(x, w, True)
+
+
+@pytest.mark.parametrize("bits, block", LAYOUTS)
+def test_block_rows_is_the_dequantized_lookup(bits, block):
+    """torch.ops.fmstack.block_rows (a quantized embedding's lookup) = the rows of the dequantized
+    weight, repeated and out-of-order ids included; an id out of range is an error naming it."""
+    from fmstack.quant.blocks import dequantize_blocks
+
+    w = make_weight(bits, block, torch.float16, mins=True)
+    p = pack_rows(w)
+    ids = torch.tensor([[36, 0], [17, 17]])
+    rows = native.block_rows(p.qweight, p.scales, p.mins, p.bits, p.block, p.n, ids)
+    torch.testing.assert_close(rows, dequantize_blocks(w)[ids.reshape(-1)], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"id 37 at position 1 is out of range \[0, 37\)"):
+        native.block_rows(p.qweight, p.scales, p.mins, p.bits, p.block, p.n, torch.tensor([0, 37]))
