@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import time
 import sys
 from dataclasses import dataclass
 
@@ -28,8 +29,11 @@ def build_report(args, plan: Plan, device, systems: list[System], load_avg: tupl
     counters), `systems` (label, weight bytes, load time) and `results` (one row per system and batch)."""
     rows = result_rows(systems, plan.batch_sizes, args.prompt_len)
     add_ratios(rows, systems)
+    read_gb_s = read_bandwidth() if device.type == "cpu" else None
+    if read_gb_s:
+        add_outside_weights(rows, systems, read_gb_s)
     return {
-        "meta": meta(args, plan, device, load_avg, compiles),
+        "meta": {**meta(args, plan, device, load_avg, compiles), "read_gb_s": read_gb_s},
         "systems": {s.name: {"label": s.label, "weight_bytes": s.weight_bytes, "load_s": round(s.load_s, 3),
                              **({"sdpa_backend_chosen": s.extra["sdpa_backend"]} if "sdpa_backend" in s.extra else {})}
                     for s in systems},
@@ -67,6 +71,30 @@ def meta(args, plan: Plan, device, load_avg: tuple, compiles: dict[str, int]) ->
         # torch.compile over the whole run (loading, warm-ups, timed runs); per row: "compiles"
         "compile_counters": compiles,
     }
+
+
+def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """The machine's streaming read bandwidth now, GB/s: best of `repeats` sums of an int64 buffer of
+    `nbytes` (larger than the caches) with the benchmark's threads. A decode step at batch 1 reads its
+    weights once; this is the floor it is measured against."""
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return round(nbytes / best / 1e9, 2)
+
+
+def add_outside_weights(rows: list[dict], systems: list[System], read_gb_s: float) -> None:
+    """Per row: `weights_floor_ms`, the time to read the system's weight bytes once at `read_gb_s`, and
+    `outside_weights_ms`, the median step time minus it: what a step costs beyond streaming its
+    weights (norms, RoPE, attention, sampling, kernel launches, the Python wrapper)."""
+    weight_bytes = {s.name: s.weight_bytes for s in systems}
+    for r in rows:
+        floor_ms = 1e3 * weight_bytes[r["system"]] / (read_gb_s * 1e9)
+        r["weights_floor_ms"] = round(floor_ms, 3)
+        r["outside_weights_ms"] = round(r["ms_per_step"]["median"] - floor_ms, 3)
 
 
 def result_rows(systems: list[System], batch_sizes: list[int], prompt_len: int) -> list[dict]:

@@ -39,6 +39,9 @@ def test_bench_writes_json(tmp_path):
             assert len(stats["values"]) == 1
         assert r["peak_mb"] > 0
         assert r["ratio_vs_hf_eager"] is None  # no --peers hf
+        floor = 1e3 * report["systems"]["fmstack"]["weight_bytes"] / (meta["read_gb_s"] * 1e9)
+        assert r["weights_floor_ms"] == pytest.approx(floor, abs=1e-3)
+        assert r["outside_weights_ms"] == pytest.approx(r["ms_per_step"]["median"] - r["weights_floor_ms"], abs=1e-3)
 
 
 def test_bench_rejects_bad_batch_sizes(tmp_path):
