@@ -36,7 +36,7 @@ from torch import Tensor
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.config import ModelConfig
 from fmstack.errors import ParameterError
-from fmstack.generation.kv_cache import LayerKVBuffers
+from fmstack.generation.kv_cache import LayerKVBuffers, attend_visible
 from fmstack.models.llama import causal_window_mask, sdpa
 
 NULL_BLOCK = 0
@@ -278,4 +278,4 @@ class PagedDecodeAttention:
         key_pos = torch.arange(meta.kv_slots.shape[1], device=q.device)
         mask = causal_window_mask(key_pos[None, None, None, :], positions[:, None, :, None],
                                   self.cache.sliding_window)  # [B, 1, 1, L]
-        return sdpa(q, kg, vg, mask=mask)
+        return attend_visible(q, kg, vg, mask)  # on CPU: the native kernel, over the visible keys only
