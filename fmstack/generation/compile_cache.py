@@ -81,6 +81,7 @@ class CompileCache:
         self.root = root or compile_cache_dir()
         self.loaded: set[Path] = set()
         self.inductor_dir = use_kernel_cache_dir()
+        self.precompile = fingerprint.get("device") == "cpu"  # whole saved steps: CPU (CUDA graphs are not saved)
 
     def where(self) -> str:
         """The cache's directories, for the compile log lines."""
@@ -115,10 +116,7 @@ class CompileCache:
         except Exception as e:  # noqa: BLE001 - any unreadable bundle is rebuilt, whatever torch raises
             problem = f"{type(e).__name__}: {e}"
         if problem is not None:
-            log.warning("compile cache entry %s for %s (%s) is unreadable (%s): deleted, compiling again",
-                        path, what, ", ".join(label), problem)
-            path.unlink(missing_ok=True)
-            path.with_suffix(".json").unlink(missing_ok=True)
+            self.discard(what, label, problem)
             return False
         self.loaded.add(path)
         return True
@@ -129,14 +127,50 @@ class CompileCache:
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return None
-        path = self.path(what, label)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(saved[0])
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(self.key(what, label), indent=1, default=str))
+        path = self.write(what, label, saved[0])
         self.loaded.add(path)
         return path
+
+    def write(self, what: str, label: tuple[str, ...], data: bytes, meta: dict[str, Any] | None = None) -> Path:
+        """Store `data` as the entry `what`/`label`, atomically (a crash leaves no half file), with its
+        key and `meta` beside it (`.json`; with `meta` also the data's sha256, which `read` checks)."""
+        path = self.path(what, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = self.key(what, label)
+        if meta is not None:
+            key["meta"] = {**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        tmp.write_text(json.dumps(key, indent=1, default=str))
+        tmp.replace(path.with_suffix(".json"))
+        return path
+
+    def read(self, what: str, label: tuple[str, ...]) -> tuple[bytes, dict[str, Any]] | None:
+        """The entry `what`/`label` written with `meta`: (data, meta); None on a miss. An entry whose key
+        file is unreadable or whose data does not match its recorded sha256 (truncated, corrupt) is
+        discarded (one warning) and read as a miss."""
+        path = self.path(what, label)
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())["meta"]
+            data = path.read_bytes()
+            problem = None if hashlib.sha256(data).hexdigest() == meta["sha256"] else "its checksum does not match"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"its key file is unreadable: {type(e).__name__}: {e}"
+        if problem is not None:
+            self.discard(what, label, problem)
+            return None
+        return data, meta
+
+    def discard(self, what: str, label: tuple[str, ...], problem: str) -> None:
+        """Delete the entry `what`/`label`, which could not be used, with one warning saying why."""
+        path = self.path(what, label)
+        log.warning("compile cache entry %s for %s (%s) is unreadable (%s): deleted, compiling again",
+                    path, what, ", ".join(label), problem)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
 
 
 def cache_entries(root: Path | None = None) -> list[dict[str, Any]]:
