@@ -17,8 +17,9 @@ from torch import Tensor
 
 from fmstack.backends.dynamo import compile_counters
 from fmstack.backends.gate import warn_once
-from fmstack.backends.precompile import (Precompiled, aot_compile, dynamic_dims, load, module_digest, precompile_available,
-                                         serializable_guards, variant, vec_isa_probe)
+from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
+                                         load, module_digest, precompile_available, serializable_guards, variant,
+                                         vec_isa_probe)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ class LoggedCompile:
     def _precompiled(self, key: tuple[str, ...], args: tuple) -> Precompiled | None:
         """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
         (precompile off from now on, one warning) where this step cannot be compiled so."""
-        label = ("precompiled", *key, "args " + hashlib.sha256(repr(variant(args)).encode()).hexdigest()[:12])
+        words = repr((variant(args), compile_settings(self.kwargs)))
+        label = ("precompiled", *key, "args " + hashlib.sha256(words.encode()).hexdigest()[:12])
         entry = self._load_entry(key, label, args)
         if entry is not None:
             return entry
@@ -196,6 +198,10 @@ class LoggedCompile:
         if not sources or any(module_digest(name) != digest for name, digest in sources.items()):
             log.info("compile cache entry for %s (%s) is stale (its source changed): compiling again",
                      self.what, ", ".join(key))
+            return None
+        if not fits_this_cpu(meta.get("isa") or []):
+            log.info("compile cache entry for %s (%s) was built for other vector ISAs (%s): compiling again",
+                     self.what, ", ".join(key), ", ".join(meta.get("isa") or []))
             return None
         t0 = time.perf_counter()
         try:

@@ -46,6 +46,8 @@ from fmstack.backends.gate import available, symbol
 
 log = logging.getLogger(__name__)
 
+# what shapes a saved step besides the traced code: the decode backend's lowering, this loader
+BACKEND_MODULES = ("fmstack.backends.inductor", "fmstack.backends.precompile")
 _SYMBOLS = ("dynamo.unsupported_guard_types", "dynamo.package", "dynamo.aot_compiled_function",
             "inductor.cpu_vec_isa", "inductor.config")
 
@@ -89,23 +91,44 @@ def variant(args: Sequence[Any]) -> tuple[str, ...]:
     return tuple(word(a) for a in args)
 
 
+def compile_settings(kwargs: dict[str, Any]) -> str:
+    """`torch.compile`'s keyword arguments in words, for the entry's key (the backend by name: the CPU
+    decode backend's name carries its row limit); the guard filter is left out (entries use their own)."""
+    def word(value: Any) -> str:
+        return getattr(value, "__name__", type(value).__name__) if callable(value) else repr(value)
+
+    options = {k: v for k, v in (kwargs.get("options") or {}).items() if k != "guard_filter_fn"}
+    return repr(sorted([(k, word(v)) for k, v in kwargs.items() if k != "options"] +
+                       [(f"options.{k}", word(v)) for k, v in options.items()]))
+
+
 def vec_isa_probe() -> list[str]:
     """The vector ISAs Inductor found usable in this process (probing them if not done yet)."""
     return [str(isa) for isa in symbol("inductor.cpu_vec_isa").valid_vec_isa_list()]
 
 
+def cpu_vec_isas() -> list[str]:
+    """The vector ISAs this CPU reports that Inductor knows (its candidates, before any test build)."""
+    isa = symbol("inductor.cpu_vec_isa")
+    flags = set(isa.x86_isa_checker()) if hasattr(isa, "x86_isa_checker") else set()
+    return [str(i) for i in isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+
+
+def fits_this_cpu(recorded: Sequence[str]) -> bool:
+    """Whether an entry whose saving process found `recorded` valid (`vec_isa_probe`) was built for
+    the vector ISAs of this CPU: its kernels use the best of them, which this CPU must have too."""
+    return list(recorded) == cpu_vec_isas()
+
+
 def _trust_vec_isa_probe(recorded: Sequence[str]) -> None:
     """Skip Inductor's ISA probe where it is still to run and would check exactly the ISAs that the
-    saving process (same key: CPU ISA, torch) found valid: Inductor's verdict for this process is
-    then computed with `cpp.vec_isa_ok` (no test builds) and cached as usual."""
+    saving process found valid (`fits_this_cpu`): Inductor's verdict for this process is then computed
+    with `cpp.vec_isa_ok` (no test builds) and cached as usual."""
     isa = symbol("inductor.cpu_vec_isa")
-    if isa.valid_vec_isa_list.cache_info().currsize or not recorded:
+    if isa.valid_vec_isa_list.cache_info().currsize or not recorded or not fits_this_cpu(recorded):
         return
-    flags = set(isa.x86_isa_checker()) if hasattr(isa, "x86_isa_checker") else set()
-    candidates = [str(i) for i in isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
-    if candidates == list(recorded):
-        with symbol("inductor.config").patch({"cpp.vec_isa_ok": True}):
-            isa.valid_vec_isa_list()
+    with symbol("inductor.config").patch({"cpp.vec_isa_ok": True}):
+        isa.valid_vec_isa_list()
 
 
 def dynamic_dims(fn: Callable, args: Sequence[Any]) -> dict[str, list[int]]:
@@ -170,9 +193,10 @@ class Precompiled:
         return symbol("dynamo.aot_compiled_function").serialize(self.fn).serialized_data
 
     def sources(self) -> dict[str, str]:
-        """The modules Dynamo traced through and the sha256 of each one's file now: an entry is valid
-        only while they are unchanged (a changed `models/llama.py` must trace again)."""
-        names = sorted({s.module for s in self.fn.source_info().inlined_sources})
+        """The modules Dynamo traced through, and fmstack's compile backends, with the sha256 of each
+        one's file now: an entry is valid only while they are unchanged (a changed `models/llama.py`
+        must trace again, a changed lowering must build again)."""
+        names = sorted({s.module for s in self.fn.source_info().inlined_sources} | set(BACKEND_MODULES))
         return {name: module_digest(name) for name in names}
 
 

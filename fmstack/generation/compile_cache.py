@@ -1,17 +1,24 @@
-"""Compiled steps persisted across processes: one bundle of torch.compile's cache artifacts
-(`torch.compiler.save_cache_artifacts`: AOTAutograd's and Inductor's FX graph entries) per compiled
-step, under `<fmstack cache dir>/compile/`, so a second process loads them before its first compile
-and Inductor neither lowers nor builds C++ again. Why: a cold compile of SmolLM2-135M's batch-1
-decode step costs ~100 s on a 2-core CPU, a warm one from Inductor's own cache alone ~48 s (the
-AOTAutograd cache was off); with both caches and the bundle see `docs/compile.md` for the figures.
+"""Compiled steps persisted across processes, under `<fmstack cache dir>/compile/`, two kinds:
 
-A bundle's key is what makes its graphs valid: the model config, the activation dtype, the
-quantization scheme and module types, the step (what, batch size, token count, greedy/sampled),
-the torch version and the CPU ISA. Any change is another file (a miss, compiled and saved). A
-bundle that torch cannot load (corrupt, truncated) is deleted and rebuilt, with one warning.
+  whole steps (CPU, the default for `Generator`'s steps): Dynamo's traced bytecode, guards and
+    Inductor's code, saved by `torch.compile(...).aot_compile` and loaded without tracing
+    (`fmstack.backends.precompile`, written and read through `write`/`read`). Why: with the caches
+    below alone a warm process still traced every step again: 7.3 s from loaded weights to the first
+    tokens of SmolLM2-135M fp32 batch 1 on a quiet 2-core Xeon, 1.6 s with whole steps (docs/compile.md).
+  bundles of torch.compile's cache artifacts (`torch.compiler.save_cache_artifacts`: AOTAutograd's
+    and Inductor's FX graph entries), loaded before a step's first compile (`load`/`save`), so
+    Inductor neither lowers nor builds C++ again: the path where whole steps are off
+    ($FMSTACK_PRECOMPILE=0), unavailable or fail, and for the serving engine's steps.
+
+A key is what makes an entry valid: the model config, the activation dtype, the quantization scheme
+and module types, the step (what, batch size, token count, greedy/sampled; for a whole step also
+every argument's dtype and shape, the KV cache's buffers), the torch version and the CPU ISA. Any
+change is another file (a miss, compiled and saved). A whole step also records the sha256 of every
+source file Dynamo traced through (a changed file: traced again) and of its own bytes. An entry
+that cannot be used (corrupt, truncated) is deleted and rebuilt, with one warning.
 
     cache = CompileCache.for_model(model, dtype)
-    LoggedCompile(fn, "decode step", store=cache, ...)    # loads before and saves after a compile
+    LoggedCompile(fn, "decode step", store=cache, precompile=True, ...)  # loads, else compiles and saves
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from fmstack.quant import spec_of
 log = logging.getLogger(__name__)
 
 SUFFIX = ".bin"
+PRECOMPILE_ENV = "FMSTACK_PRECOMPILE"
 
 
 def compile_cache_dir() -> Path:
@@ -81,7 +89,9 @@ class CompileCache:
         self.root = root or compile_cache_dir()
         self.loaded: set[Path] = set()
         self.inductor_dir = use_kernel_cache_dir()
-        self.precompile = fingerprint.get("device") == "cpu"  # whole saved steps: CPU (CUDA graphs are not saved)
+        # whole saved steps (`fmstack.backends.precompile`): CPU only (CUDA graphs are not saved), unless
+        # $FMSTACK_PRECOMPILE is "0" (then each process traces again and loads the caches' artifacts)
+        self.precompile = fingerprint.get("device") == "cpu" and os.environ.get(PRECOMPILE_ENV, "1") != "0"
 
     def where(self) -> str:
         """The cache's directories, for the compile log lines."""
