@@ -1,6 +1,7 @@
-"""The persistent compile cache (`fmstack.generation.compile_cache`): a second process loads a
-compiled step instead of lowering and building it again, a changed key misses, a corrupt entry is
-rebuilt with one warning. Each run is a fresh process: the first two keep Inductor's directory in
+"""The persistent compile cache (`fmstack.generation.compile_cache`), its bundles of cache artifacts
+(whole saved steps off, $FMSTACK_PRECOMPILE=0: tests/generation/test_compile_precompile.py covers
+those): a second process loads a compiled step instead of lowering and building it again, a changed
+key misses, a corrupt entry is rebuilt with one warning. Each run is a fresh process: the first two keep Inductor's directory in
 fmstack's cache (the warm start: AOTAutograd's cache hits, no C++ is built), the others have their own
 empty Inductor directory, so only fmstack's bundle can carry a compiled graph to them."""
 
@@ -36,7 +37,7 @@ print(json.dumps({"ids": [r.token_ids for r in out], **cache_counters()}))
 def run(tmp_path: Path, name: str | None, batch: int) -> tuple[dict, str]:
     """RUN in a fresh process with fmstack's cache under tmp_path and Inductor's in `inductor-<name>`
     (name None: Inductor's directory is not set, so fmstack puts it in its own cache)."""
-    env = {**os.environ, "FMSTACK_CACHE_DIR": str(tmp_path / "fmstack"),
+    env = {**os.environ, "FMSTACK_CACHE_DIR": str(tmp_path / "fmstack"), "FMSTACK_PRECOMPILE": "0",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     if name is None:
