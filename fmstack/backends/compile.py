@@ -18,8 +18,8 @@ from torch import Tensor
 from fmstack.backends.dynamo import compile_counters
 from fmstack.backends.gate import warn_once
 from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
-                                         load, module_digest, precompile_available, serializable_guards, variant,
-                                         vec_isa_probe)
+                                         global_state, load, module_digest, precompile_available,
+                                         serializable_guards, variant, vec_isa_probe)
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ class LoggedCompile:
     def _precompiled(self, key: tuple[str, ...], args: tuple) -> Precompiled | None:
         """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
         (precompile off from now on, one warning) where this step cannot be compiled so."""
-        words = repr((variant(args), compile_settings(self.kwargs)))
-        label = ("precompiled", *key, "args " + hashlib.sha256(words.encode()).hexdigest()[:12])
+        state = repr((variant(args), compile_settings(self.kwargs), global_state()))
+        label = ("precompiled", *key, "variant " + hashlib.sha256(state.encode()).hexdigest()[:12])
         entry = self._load_entry(key, label, args)
         if entry is not None:
             return entry
@@ -225,5 +225,6 @@ class LoggedCompile:
                       f"({type(e).__name__}: {e}): later processes compile it again")
             return
         self.store.write(self.what, label, data, {"sources": entry.sources(), "isa": vec_isa_probe(),
-                                                   "args": list(variant(args)),
+                                                   "args": list(variant(args)), "state": global_state(),
+                                                   "settings": compile_settings(self.kwargs),
                                                    "dynamic": dynamic_dims(self.fn, args)})

@@ -102,6 +102,14 @@ def compile_settings(kwargs: dict[str, Any]) -> str:
                        [(f"options.{k}", word(v)) for k, v in options.items()]))
 
 
+def global_state() -> str:
+    """The process state Dynamo's saved guards check besides the arguments (its global-state guard:
+    thread count, grad and inference mode, default dtype), for the entry's key: a step saved by a
+    2-thread process is another entry than a 1-thread one's (both kept, neither overwrites the other)."""
+    return (f"threads {torch.get_num_threads()}, grad {torch.is_grad_enabled()}, "
+            f"inference {torch.is_inference_mode_enabled()}, {torch.get_default_dtype()}")
+
+
 def vec_isa_probe() -> list[str]:
     """The vector ISAs Inductor found usable in this process (probing them if not done yet)."""
     return [str(isa) for isa in symbol("inductor.cpu_vec_isa").valid_vec_isa_list()]

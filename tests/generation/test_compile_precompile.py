@@ -18,7 +18,7 @@ import torch
 
 from fmstack.backends import compile_counters
 from fmstack.backends.inductor import decode_compile_kwargs
-from fmstack.backends.precompile import compile_settings, precompile_available, variant
+from fmstack.backends.precompile import compile_settings, global_state, precompile_available, variant
 from fmstack.generation.compile_cache import cache_entries
 from fmstack.generation.generate import Generator
 from fmstack.generation.kv_cache import StaticKVCache
@@ -131,6 +131,15 @@ def test_argument_shapes_and_compile_settings_are_in_the_key():
     assert len(settings) == 3  # BLAS, 4-row and 8-row reductions are different builds
     assert compile_settings({"fullgraph": True, "options": {"guard_filter_fn": len}}) == compile_settings(
         {"fullgraph": True, "options": {}})
+    threads = torch.get_num_threads()
+    state = global_state()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)  # Dynamo's saved guards check the thread count
+        assert global_state() != state
+    finally:
+        torch.set_num_threads(threads)
+    with torch.inference_mode():
+        assert global_state() != state
 
 
 def copy_cache(saved, tmp_path) -> Path:
