@@ -81,6 +81,15 @@ def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
 
 
+def precompile_wanted(fingerprint: dict[str, Any]) -> bool:
+    """Whether steps are saved whole (`fmstack.backends.precompile`): on CPU (CUDA graphs are not
+    saved), in a single process (a tensor-parallel rank's graph holds its rank: another rank must not
+    load it), unless $FMSTACK_PRECOMPILE is "0" (then each process traces again and loads the caches'
+    artifacts)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return fingerprint.get("device") == "cpu" and not distributed and os.environ.get(PRECOMPILE_ENV, "1") != "0"
+
+
 class CompileCache:
     """Bundles of compile artifacts for one model fingerprint, one file per step under `root`."""
 
@@ -89,9 +98,7 @@ class CompileCache:
         self.root = root or compile_cache_dir()
         self.loaded: set[Path] = set()
         self.inductor_dir = use_kernel_cache_dir()
-        # whole saved steps (`fmstack.backends.precompile`): CPU only (CUDA graphs are not saved), unless
-        # $FMSTACK_PRECOMPILE is "0" (then each process traces again and loads the caches' artifacts)
-        self.precompile = fingerprint.get("device") == "cpu" and os.environ.get(PRECOMPILE_ENV, "1") != "0"
+        self.precompile = precompile_wanted(fingerprint)
 
     def where(self) -> str:
         """The cache's directories, for the compile log lines."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmstack.backends import compile_counters
+from fmstack.backends import compile_counters, mark_dynamic
 from fmstack.backends.inductor import decode_compile_kwargs
 from fmstack.backends.precompile import compile_settings, global_state, precompile_available, variant
 from fmstack.generation.compile_cache import cache_entries
@@ -125,7 +125,7 @@ def test_argument_shapes_and_compile_settings_are_in_the_key():
              variant((torch.tensor([[1]]).float(), torch.tensor([[0]]), cache[64]))}  # another dtype
     assert len(words) == 4
     marked = torch.tensor([[1, 2, 3]])
-    torch._dynamo.mark_dynamic(marked, 1)
+    mark_dynamic(marked, 1)
     assert variant((marked,)) == ("int64[1,s]",)  # a dynamic length is one key for all lengths
     settings = {compile_settings(decode_compile_kwargs("cpu", rows, "model")) for rows in (0, 4, 8)}
     assert len(settings) == 3  # BLAS, 4-row and 8-row reductions are different builds
