@@ -193,3 +193,31 @@ def test_another_cache_length_misses_and_is_saved(saved, tmp_path, monkeypatch):
     gen = Generator(load_model("random:tiny-gqa", seed=0).model, eos_ids=[], compile=True, max_seq_len=128)
     gen.generate(PROMPT, PARAMS)
     assert len(entries(root)) == len(saved["entries"]) + 1
+
+
+def test_precompile_is_off_for_cuda_distributed_and_by_env(monkeypatch):
+    from fmstack.generation.compile_cache import PRECOMPILE_ENV, precompile_wanted
+
+    assert precompile_wanted({"device": "cpu"})
+    assert not precompile_wanted({"device": "cuda"})
+    monkeypatch.setenv(PRECOMPILE_ENV, "0")
+    assert not precompile_wanted({"device": "cpu"})
+    monkeypatch.delenv(PRECOMPILE_ENV)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert not precompile_wanted({"device": "cpu"})  # a tensor-parallel rank's graph holds its rank
+
+
+def test_a_step_that_cannot_be_saved_whole_compiles_with_dynamo(saved, tmp_path, monkeypatch, caplog):
+    import fmstack.backends.compile as compile_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no aot_compile here")
+
+    monkeypatch.setattr(compile_module, "aot_compile", fail)
+    monkeypatch.setattr(compile_module, "warn_once", lambda key, message: logging.getLogger("fmstack").warning(message))
+    with caplog.at_level(logging.WARNING, logger="fmstack"):
+        assert run_tiny(tmp_path / "empty", monkeypatch) == saved["ids"]  # a miss, then the Dynamo path
+    warnings = [r.getMessage() for r in caplog.records if "cannot be saved whole" in r.getMessage()]
+    assert len(warnings) == 1 and "no aot_compile here" in warnings[0]
+    assert entries(tmp_path / "empty") == {}
+    assert [e["key"]["shape"] for e in cache_entries(tmp_path / "empty" / "compile")] == [["batch 1", "greedy"]]
