@@ -5,12 +5,13 @@ bytecode, its guards and the Inductor output (the wrapper code; the built kernel
 cache directory, found by their source hash, rebuilt where missing), so a later process neither traces
 nor lowers: it unpickles, imports the wrapper module and rebuilds the guards.
 
-Why: with AOTAutograd's and Inductor's caches alone, a warm process still re-ran Dynamo (bytecode
-tracing, the compile region's reuse checks, guard building, ~4 s of the 7.3 s from loaded weights to
-the first tokens of SmolLM2-135M fp32 batch 1 on a quiet 2-core Xeon); with an entry loaded here the
-same steps are ready in under 3 s (docs/compile.md, "Warm start").
+Why: with AOTAutograd's and Inductor's caches alone, a warm process still re-ran Dynamo on every step
+(bytecode tracing 3.3-3.4 s, the compile region's reuse checks included, guard building 0.4 s) and
+Inductor's CPU probe (below): 7.1-7.3 s from loaded weights to the first tokens of SmolLM2-135M fp32
+batch 1; with the steps loaded from here 1.4-1.5 s (1 thread, same machine and load; docs/compile.md,
+"Warm start").
 
-Three things make fmstack's steps loadable, each handled here:
+Four things make fmstack's steps loadable and fast to load, each handled here:
   guards: Dynamo cannot serialize guards on object identity (module, function, id matches) or on
     globals; `serializable_guards` drops those together with the guards on the frozen model (as
     `frozen_attribute_guards` does for the in-process compile). What stays guards the arguments:
@@ -18,6 +19,9 @@ Three things make fmstack's steps loadable, each handled here:
   key order: iterating the model's ModuleList records a key-order guard on `self.model...._modules`,
     which the loader cannot evaluate once the model's guards were dropped (the model is not pickled);
     `load` leaves those out, like every other guard on the frozen model.
+  dynamic marks: torch 2.13 saves a tensor argument as a meta tensor without its `mark_dynamic`
+    marks, and the rebuilt guard then rejects the marked prompt of every later call; the entry records
+    the marks (`dynamic_dims`) and `load` puts them back.
   the CPU probe: Inductor checks each vector ISA the CPU reports by building and dlopen-ing a test
     library in a child Python (~2.7 s for the 4 ISAs of an AVX-512 Xeon) the first time a process loads
     a kernel; `load` skips it where the saving process found the same ISAs valid

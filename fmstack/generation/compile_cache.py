@@ -3,8 +3,9 @@
   whole steps (CPU, the default for `Generator`'s steps): Dynamo's traced bytecode, guards and
     Inductor's code, saved by `torch.compile(...).aot_compile` and loaded without tracing
     (`fmstack.backends.precompile`, written and read through `write`/`read`). Why: with the caches
-    below alone a warm process still traced every step again: 7.3 s from loaded weights to the first
-    tokens of SmolLM2-135M fp32 batch 1 on a quiet 2-core Xeon, 1.6 s with whole steps (docs/compile.md).
+    below alone a warm process still traced every step again: 7.1-7.3 s from loaded weights to the
+    first tokens of SmolLM2-135M fp32 batch 1 on the 2-core Xeon, 1.4-1.5 s with whole steps (1 thread,
+    same load; docs/compile.md, "Warm start").
   bundles of torch.compile's cache artifacts (`torch.compiler.save_cache_artifacts`: AOTAutograd's
     and Inductor's FX graph entries), loaded before a step's first compile (`load`/`save`), so
     Inductor neither lowers nor builds C++ again: the path where whole steps are off
