@@ -80,13 +80,14 @@ def _frozen_prefixes(frozen_attribute: str | None) -> tuple[str, ...]:
 
 def variant(args: Sequence[Any]) -> tuple[str, ...]:
     """What a compiled step's guards check about its arguments, in words, for the entry's key: each
-    tensor's dtype and shape (a dimension marked dynamic as "s"), a module's buffers (the KV cache:
-    its length), other values by repr. Two calls with the same words run the same graph."""
+    tensor's dtype and shape (a dimension marked dynamic as "s") and whether it is an inference tensor,
+    a module's buffers (the KV cache: its length), other values by repr. Two calls with the same words run the same graph."""
     def word(a: Any) -> str:
         if isinstance(a, Tensor):
             dynamic = getattr(a, "_dynamo_dynamic_indices", set())
             dims = ",".join("s" if i in dynamic else str(n) for i, n in enumerate(a.shape))
-            return f"{str(a.dtype).removeprefix('torch.')}[{dims}]"
+            mode = "" if a.is_inference() else "+autograd"  # Dynamo guards on the dispatch keys
+            return f"{str(a.dtype).removeprefix('torch.')}[{dims}]{mode}"
         if isinstance(a, nn.Module):
             buffers = sorted((n, str(b.dtype), tuple(b.shape)) for n, b in a.named_buffers())
             digest = hashlib.sha256(repr((type(a).__qualname__, buffers)).encode()).hexdigest()[:12]
