@@ -18,7 +18,7 @@ from torch import Tensor
 from fmstack.backends.dynamo import compile_counters
 from fmstack.backends.gate import warn_once
 from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
-                                         global_state, load, module_digest, precompile_available,
+                                         global_state, load, module_digest, owner_state, precompile_available,
                                          serializable_guards, variant, vec_isa_probe)
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class LoggedCompile:
     def _precompiled(self, key: tuple[str, ...], args: tuple) -> Precompiled | None:
         """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
         (precompile off from now on, one warning) where this step cannot be compiled so."""
-        state = repr((variant(args), compile_settings(self.kwargs), global_state()))
+        state = repr((variant(args), compile_settings(self.kwargs), global_state(), owner_state(self.fn)))
         label = ("precompiled", *key, "variant " + hashlib.sha256(state.encode()).hexdigest()[:12])
         entry = self._load_entry(key, label, args)
         if entry is not None:

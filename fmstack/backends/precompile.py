@@ -115,6 +115,16 @@ def global_state() -> str:
             f"inference {torch.is_inference_mode_enabled()}, {torch.get_default_dtype()}")
 
 
+def owner_state(fn: Callable) -> str:
+    """For a bound method, its instance's plain settings (not its modules or tensors: those are
+    arguments of the graph) in words, for the entry's key: the saved guards check them (the generator
+    steps' SDPA choice), so steps of differently set instances are different entries."""
+    owner = owner_of(fn)
+    if owner is None:
+        return ""
+    return repr(sorted((k, repr(v)) for k, v in vars(owner).items() if not isinstance(v, (nn.Module, Tensor))))
+
+
 def vec_isa_probe() -> list[str]:
     """The vector ISAs Inductor found usable in this process (probing them if not done yet)."""
     return [str(isa) for isa in symbol("inductor.cpu_vec_isa").valid_vec_isa_list()]

@@ -18,7 +18,8 @@ import torch
 
 from fmstack.backends import compile_counters, mark_dynamic
 from fmstack.backends.inductor import decode_compile_kwargs
-from fmstack.backends.precompile import compile_settings, global_state, precompile_available, variant
+from fmstack.backends.precompile import (compile_settings, global_state, owner_state, precompile_available,
+                                         variant)
 from fmstack.generation.compile_cache import cache_entries
 from fmstack.generation.generate import Generator
 from fmstack.generation.kv_cache import StaticKVCache
@@ -142,7 +143,8 @@ def test_argument_shapes_and_compile_settings_are_in_the_key():
         torch.set_num_threads(threads)
     with torch.inference_mode():
         assert global_state() != state
-
+    steps = {owner_state(Generator(model, sdpa_backend=name)._decode_impl) for name in ("auto", "math")}
+    assert len(steps) == 2 and "model" not in "".join(steps)  # the SDPA choice, not the model
 
 def copy_cache(saved, tmp_path) -> Path:
     import shutil
