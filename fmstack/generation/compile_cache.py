@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fmstack import native
 from fmstack.backends.inductor import set_cache_dir, user_cache_dir
 from fmstack.paths import cache_dir
 from fmstack.quant import spec_of
@@ -70,15 +71,18 @@ def use_kernel_cache_dir() -> Path:
 def model_fingerprint(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     """What a compiled graph of `model` depends on besides the step: its config, the activation dtype,
     the quantization scheme, the module and parameter types, block layouts (GGUF files of one model
-    differ there), torch and the CPU ISA."""
+    differ there), torch, the CPU ISA, and on CPU whether fmstack's native ops are in use (the traced
+    code calls them only then; asking loads them, which a saved step that calls them needs before
+    its first call: it is not traced, so nothing else would)."""
     config = getattr(model, "config", None)
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
     spec = spec_of(model)
+    device = str(next(model.parameters()).device.type)
     return {"config": config, "dtype": str(dtype), "quant": spec.to_dict() if spec else None,
             "modules": sorted({type(m).__qualname__ for m in model.modules()}),
             "blocks": sorted({repr(m.layout) for m in model.modules() if hasattr(m, "packed_blocks")}),
             "params": sorted({str(p.dtype) for p in model.parameters()}),
-            "device": str(next(model.parameters()).device.type),
+            "device": device, "native": native.available() if device == "cpu" else None,
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
 
 

@@ -99,9 +99,9 @@ def test_key_covers_dtype_quantization_config_torch_isa_and_step(tmp_path):
              .path("decode step", ("batch 1", "greedy")),
              CompileCache.for_model(other_config, torch.float32, tmp_path).path("decode step", ("batch 1", "greedy"))}
     fingerprint = model_fingerprint(model, torch.float32)
-    for field, value in (("torch", "2.99.0"), ("isa", "NO-ISA")):
+    for field, value in (("torch", "2.99.0"), ("isa", "NO-ISA"), ("native", not fingerprint["native"])):
         paths.add(CompileCache({**fingerprint, field: value}, tmp_path).path("decode step", ("batch 1", "greedy")))
-    assert len(paths) == 9
+    assert len(paths) == 10
     assert fingerprint["torch"] == torch.__version__ and fingerprint["isa"]
     assert base.path("prefill", ("batch 1",)) == CompileCache(fingerprint, tmp_path).path("prefill", ("batch 1",))
 
