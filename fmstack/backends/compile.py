@@ -175,7 +175,7 @@ class LoggedCompile:
             self.precompile = False
             why = ok or "its guards reject the arguments it was compiled for"
             warn_once(f"precompile {self.what}", f"{self.what} ({words}) cannot be saved whole ({why}): "
-                      "compiling it with Dynamo in every process")
+                      "compiling it with Dynamo (this process: each later one tries again)")
             return None
         self._write_entry(label, entry, args)
         log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, words, time.perf_counter() - t0,

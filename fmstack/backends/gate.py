@@ -42,6 +42,7 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "shapes.statically_known_true": _module_attr("torch.fx.experimental.symbolic_shapes", "statically_known_true"),
     "dynamo.unsupported_guard_types": lambda: importlib.import_module(
         "torch._dynamo.guards").CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES,
+    "dynamo.restart_analysis": _module_attr("torch._dynamo.exc", "RestartAnalysis"),
     "dynamo.package": lambda: importlib.import_module("torch._dynamo.package"),
     "dynamo.aot_compiled_function": _module_attr("torch._dynamo.aot_compile", "AOTCompiledFunction"),
     "inductor.cpu_vec_isa": lambda: importlib.import_module("torch._inductor.cpu_vec_isa"),

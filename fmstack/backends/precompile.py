@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # what shapes a saved step besides the traced code: the decode backend's lowering, this loader
 BACKEND_MODULES = ("fmstack.backends.inductor", "fmstack.backends.precompile")
-_SYMBOLS = ("dynamo.unsupported_guard_types", "dynamo.package", "dynamo.aot_compiled_function",
+_SYMBOLS = ("dynamo.counters", "dynamo.restart_analysis", "dynamo.unsupported_guard_types", "dynamo.package", "dynamo.aot_compiled_function",
             "inductor.cpu_vec_isa", "inductor.config")
 
 
@@ -237,11 +237,23 @@ def owner_of(fn: Callable) -> object | None:
     return fn.__self__ if inspect.ismethod(fn) else None
 
 
-def aot_compile(compiled: Callable, fn: Callable, args: tuple) -> Precompiled:
+def aot_compile(compiled: Callable, fn: Callable, args: tuple, attempts: int = 3) -> Precompiled:
     """Trace and compile `compiled` (what `torch.compile(fn, ...)` returned) for `args` as a saveable
     entry (a bound method's instance is not among `args`). Raises whatever Dynamo raises where the
-    step cannot be saved."""
-    return Precompiled(compiled.aot_compile((args, {})), owner_of(fn))
+    step cannot be saved. Dynamo's in-process compile restarts a trace that asks for it (e.g. a float
+    it turns into a tensor once an earlier compile of the same code saw another value: a second
+    model in the process); `aot_compile` raises that instead, so it is retried (the restart's
+    decision is recorded, the next trace takes it)."""
+    restart, stats = symbol("dynamo.restart_analysis"), symbol("dynamo.counters")["stats"]
+    for attempt in range(attempts):
+        graphs = stats["unique_graphs"]
+        try:
+            return Precompiled(compiled.aot_compile((args, {})), owner_of(fn))
+        except restart:
+            stats["unique_graphs"] = graphs  # the abandoned trace built no graph (the counters say so)
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def load(data: bytes, fn: Callable, frozen_attribute: str | None, isa: Sequence[str],
