@@ -15,6 +15,7 @@ checks per step) and static graphs per batch size.
     kernels   has_kernel, int8pack_mm, int4pack_convert/int4pack_mm, cpu_flash_attention
     compile   LoggedCompile: torch.compile that logs each compilation and its time, with a persistent store;
               compile_region: one traced/built graph for every call of a function (the decoder blocks)
+    precompile  whole compiled steps saved and loaded without tracing (Dynamo's aot_compile), the warm start
 """
 
 from fmstack.backends.compile import LoggedCompile, compile_region

@@ -6,6 +6,7 @@ model on a small CPU, and without these lines the first request looks hung."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -15,6 +16,10 @@ import torch
 from torch import Tensor
 
 from fmstack.backends.dynamo import compile_counters
+from fmstack.backends.gate import warn_once
+from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
+                                         global_state, load, module_digest, owner_state, precompile_available,
+                                         serializable_guards, variant, vec_isa_probe)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,21 @@ def step_key(args: tuple, static_tokens: bool = True) -> tuple[str, ...]:
 
 
 class CompileStore(Protocol):
-    """Where compiled steps persist across processes (`fmstack.generation.compile_cache.CompileCache`)."""
+    """Where compiled steps persist across processes (`fmstack.generation.compile_cache.CompileCache`):
+    `load`/`save` the caches' artifacts of a step (the Dynamo path), `read`/`write` a whole saved step
+    (`fmstack.backends.precompile`), `discard` an entry that could not be used (one warning)."""
+
+    precompile: bool  # whether whole steps may be saved for this model (CPU)
 
     def load(self, what: str, label: tuple[str, ...]) -> bool: ...
 
     def save(self, what: str, label: tuple[str, ...]) -> Any: ...
+
+    def read(self, what: str, label: tuple[str, ...]) -> tuple[bytes, dict] | None: ...
+
+    def write(self, what: str, label: tuple[str, ...], data: bytes, meta: dict) -> Any: ...
+
+    def discard(self, what: str, label: tuple[str, ...], problem: str) -> None: ...
 
     def where(self) -> str: ...
 
@@ -81,18 +96,44 @@ class LoggedCompile:
     """`torch.compile(fn, **kwargs)` whose first call per key (`key(args)`, default `step_key`) logs
     (info) before and after, with the elapsed time and how many graphs Dynamo built in between. Other
     calls go straight through (the key and one set lookup of overhead). With a `store`, the first
-    call per key first loads the step from it and, where it was not there, saves it afterwards."""
+    call per key first loads the step from it and, where it was not there, saves it afterwards.
+
+    With `precompile` (and a store whose `precompile` is set, on a torch that has it) each step is
+    compiled ahead of time as a whole (`fmstack.backends.precompile`: Dynamo's trace, guards and
+    Inductor's code) and saved, so a later process loads it without tracing; its guards (those on
+    `self.<frozen_attribute>` dropped) pick the entry at every call. Where that fails, the step takes
+    the path above, with one warning."""
 
     def __init__(self, fn: Callable, what: str, static_tokens: bool = True,
                  key: Callable[[tuple], tuple[str, ...]] | None = None, store: CompileStore | None = None,
-                 **kwargs: Any):
-        self.what, self.store = what, store
+                 precompile: bool = False, frozen_attribute: str | None = None, **kwargs: Any):
+        self.fn, self.what, self.store, self.kwargs = fn, what, store, kwargs
         self.key = key or (lambda args: step_key(args, static_tokens))
         self.compiled = torch.compile(fn, **kwargs)
         self._seen: set[tuple[str, ...]] = set()
+        self.frozen_attribute = frozen_attribute
+        self.precompile = bool(precompile and store is not None and getattr(store, "precompile", False)
+                               and precompile_available())
+        self._entries: dict[tuple[str, ...], list[Precompiled]] = {}
 
     def __call__(self, *args: Any) -> Any:
         key = self.key(args)
+        entries = self._entries.get(key)
+        if entries:
+            for entry in entries:
+                if entry.accepts(args):
+                    return entry(*args)
+        elif key in self._seen:
+            return self.compiled(*args)
+        if self.precompile:
+            entry = self._precompiled(key, args)
+            if entry is not None:
+                self._entries.setdefault(key, []).append(entry)
+                return entry(*args)
+        return self._compile(key, args)
+
+    def _compile(self, key: tuple[str, ...], args: tuple) -> Any:
+        """The Dynamo path: log, load the caches' artifacts, compile, save them (first call per key)."""
         if key in self._seen:
             return self.compiled(*args)
         self._seen.add(key)
@@ -111,3 +152,79 @@ class LoggedCompile:
         log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, label,
                  time.perf_counter() - t0, compile_counters()["graphs"] - before)
         return out
+
+    def _precompiled(self, key: tuple[str, ...], args: tuple) -> Precompiled | None:
+        """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
+        (precompile off from now on, one warning) where this step cannot be compiled so."""
+        state = repr((variant(args), compile_settings(self.kwargs), global_state(), owner_state(self.fn)))
+        label = ("precompiled", *key, "variant " + hashlib.sha256(state.encode()).hexdigest()[:12])
+        entry = self._load_entry(key, label, args)
+        if entry is not None:
+            return entry
+        words = ", ".join(key) or "first call"
+        log.info("compiling %s (%s): once per process; saved whole in %s for later processes", self.what, words,
+                 self.store.where())
+        t0, before = time.perf_counter(), compile_counters()["graphs"]
+        try:
+            with heartbeat(self.what, words, t0):
+                entry = aot_compile(self._aot_compiler(), self.fn, args)
+            ok = entry.accepts(args)
+        except Exception as e:  # noqa: BLE001 - Dynamo's precompile is experimental: any failure falls back
+            entry, ok = None, f"{type(e).__name__}: {e}"
+        if ok is not True:
+            self.precompile = False
+            why = ok or "its guards reject the arguments it was compiled for"
+            warn_once(f"precompile {self.what}", f"{self.what} ({words}) cannot be saved whole ({why}): "
+                      "compiling it with Dynamo (this process: each later one tries again)")
+            return None
+        self._write_entry(label, entry, args)
+        log.info("compiled %s (%s) in %.1f s (%d graph(s) built)", self.what, words, time.perf_counter() - t0,
+                 compile_counters()["graphs"] - before)
+        return entry
+
+    def _aot_compiler(self) -> Callable:
+        """`torch.compile(fn, ...)` as in the constructor, with the guards an entry can carry."""
+        options = {**self.kwargs.get("options", {}), "guard_filter_fn": serializable_guards(self.frozen_attribute)}
+        return torch.compile(self.fn, **{**self.kwargs, "options": options})
+
+    def _load_entry(self, key: tuple[str, ...], label: tuple[str, ...], args: tuple) -> Precompiled | None:
+        """The stored entry under `label`, loaded, where it is there, current (the traced sources are
+        unchanged) and accepts `args`; None otherwise (a broken entry is discarded, one warning)."""
+        found = self.store.read(self.what, label)
+        if found is None:
+            return None
+        data, meta = found
+        sources = meta.get("sources") or {}
+        if not sources or any(module_digest(name) != digest for name, digest in sources.items()):
+            log.info("compile cache entry for %s (%s) is stale (its source changed): compiling again",
+                     self.what, ", ".join(key))
+            return None
+        if not fits_this_cpu(meta.get("isa") or []):
+            log.info("compile cache entry for %s (%s) was built for other vector ISAs (%s): compiling again",
+                     self.what, ", ".join(key), ", ".join(meta.get("isa") or []))
+            return None
+        t0 = time.perf_counter()
+        try:
+            entry = load(data, self.fn, self.frozen_attribute, meta.get("isa") or [], meta.get("dynamic") or {})
+        except Exception as e:  # noqa: BLE001 - whatever an unreadable entry raises, it is rebuilt
+            self.store.discard(self.what, label, f"{type(e).__name__}: {e}")
+            return None
+        if not entry.accepts(args):
+            log.info("compile cache entry for %s (%s) does not fit these arguments (%s): compiling again",
+                     self.what, ", ".join(key), entry.rejection(args))
+            return None
+        log.info("loaded compiled %s (%s) from the compile cache %s in %.1f s (nothing traced)", self.what,
+                 ", ".join(key), self.store.where(), time.perf_counter() - t0)
+        return entry
+
+    def _write_entry(self, label: tuple[str, ...], entry: Precompiled, args: tuple) -> None:
+        try:
+            data = entry.to_bytes()
+        except Exception as e:  # noqa: BLE001 - the step still runs in this process
+            warn_once(f"precompile save {self.what}", f"{self.what} compiled but could not be saved "
+                      f"({type(e).__name__}: {e}): later processes compile it again")
+            return
+        self.store.write(self.what, label, data, {"sources": entry.sources(), "isa": vec_isa_probe(),
+                                                   "args": list(variant(args)), "state": global_state(),
+                                                   "settings": compile_settings(self.kwargs),
+                                                   "dynamic": dynamic_dims(self.fn, args)})

@@ -40,6 +40,13 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "dynamo.maybe_mark_dynamic": _module_attr("torch._dynamo", "maybe_mark_dynamic"),
     "dynamo.counters": _module_attr("torch._dynamo.utils", "counters"),
     "shapes.statically_known_true": _module_attr("torch.fx.experimental.symbolic_shapes", "statically_known_true"),
+    "dynamo.unsupported_guard_types": lambda: importlib.import_module(
+        "torch._dynamo.guards").CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES,
+    "dynamo.restart_analysis": _module_attr("torch._dynamo.exc", "RestartAnalysis"),
+    "dynamo.package": lambda: importlib.import_module("torch._dynamo.package"),
+    "dynamo.aot_compiled_function": _module_attr("torch._dynamo.aot_compile", "AOTCompiledFunction"),
+    "inductor.cpu_vec_isa": lambda: importlib.import_module("torch._inductor.cpu_vec_isa"),
+    "inductor.config": lambda: importlib.import_module("torch._inductor.config"),
     "C.dispatch_has_kernel": lambda: torch._C._dispatch_has_kernel_for_dispatch_key,
     "aten._weight_int8pack_mm": _op("aten", "_weight_int8pack_mm"),
     "aten._weight_int4pack_mm": _op("aten", "_weight_int4pack_mm"),

@@ -42,14 +42,19 @@ def compile_by_default() -> bool:
 
 def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int = GEMV_MAX_ROWS,
                    frozen_attribute: str | None = None, what: str = "decode step",
-                   store: CompileStore | None = None) -> LoggedCompile:
-    """`fn` compiled as a static-shape decode step on `device` (see the module docstring)."""
-    return LoggedCompile(fn, what, store=store, **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
+                   store: CompileStore | None = None, precompile: bool = False) -> LoggedCompile:
+    """`fn` compiled as a static-shape decode step on `device` (see the module docstring); with
+    `precompile` (and `store`) saved whole for later processes (`LoggedCompile`)."""
+    return LoggedCompile(fn, what, store=store, precompile=precompile, frozen_attribute=frozen_attribute,
+                         **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
 
 
-def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | None = None) -> LoggedCompile:
-    """`fn` compiled with a sequence length the caller marks dynamic (one graph for all lengths)."""
-    return LoggedCompile(fn, what, static_tokens=False, store=store, fullgraph=True)
+def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | None = None,
+                    precompile: bool = False, frozen_attribute: str | None = None) -> LoggedCompile:
+    """`fn` compiled with a sequence length the caller marks dynamic (one graph for all lengths); with
+    `precompile` (and `store`) saved whole, without guards on `self.<frozen_attribute>`."""
+    return LoggedCompile(fn, what, static_tokens=False, store=store, precompile=precompile,
+                         frozen_attribute=frozen_attribute, fullgraph=True)
 
 
 def with_recompile_limit(method: Callable) -> Callable:

@@ -79,10 +79,48 @@ class _Row:
     matcher: object | None = None  # grammar state of a constrained row (structured.Matcher)
 
 
+class ModelSteps:
+    """The model calls of a `Generator` (one forward + sampling each): what torch.compile wraps. A class
+    of their own that holds only what they read (the model and the `--sdpa-backend` choice): a step
+    saved whole for later processes (`fmstack.backends.precompile`) carries its `self` in its guards'
+    state, which must not drag the generator's tokenizer or its compiled steps along."""
+
+    def __init__(self, model: nn.Module, backends: list[SDPBackend], auto: bool):
+        self.model, self.sdpa_backends, self.auto_sdpa = model, backends, auto
+
+    def _sdpa_choice(self) -> contextlib.AbstractContextManager:
+        """`--sdpa-backend` around a model call: 'auto' leaves torch's choice alone (no context: in a
+        compiled step `sdpa_kernel` is a call into torch.nn.attention, which keeps AOTAutograd's cache
+        from storing the graph), a named backend restricts SDPA to it."""
+        return contextlib.nullcontext() if self.auto_sdpa else sdpa_kernel(self.sdpa_backends)
+
+    def prefill(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
+                top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
+                scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
+        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
+        with self._sdpa_choice():
+            logits = adjust_logits(self.model(tokens, positions, cache, last_only=True)[:, -1], scale, add)
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
+
+    def decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
+               top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
+               scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
+        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
+        with self._sdpa_choice():
+            logits = adjust_logits(self.model(tokens, positions, cache)[:, -1], scale, add)
+        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
+
+    def logits(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
+        with self._sdpa_choice():
+            return self.model(tokens, positions, cache)
+
+
 class Generator:
     """Generates from a `Transformer` with a static KV cache.
 
-    `_prefill_impl` and `_decode_impl` (forward + sampling) are the only model calls; with
+    `_prefill_impl` and `_decode_impl` (forward + sampling, `ModelSteps`) are the only model calls; with
     `compile=True` each runs under `torch.compile(fullgraph=True)`: prefill with a symbolic sequence
     length (one graph for all prompt lengths), decode with static shapes (one graph for all steps;
     a CUDA graph on CUDA). Greedy batches take an argmax-only variant of each graph.
@@ -108,7 +146,8 @@ class Generator:
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
         self.sdpa_backends = sdpa_backends(sdpa_backend, self.device, masked=True)  # the cache masks
-        self._auto_sdpa = sdpa_backend == "auto"
+        steps = ModelSteps(model, self.sdpa_backends, auto=sdpa_backend == "auto")
+        self._prefill_impl, self._decode_impl, self._logits_impl = steps.prefill, steps.decode, steps.logits
         if compile and not model.compiles_whole:  # a StagedCausalLM: its communication cannot be
             model.compile_stage()  # traced, so it compiles its own layers instead
             compile = False
@@ -116,45 +155,18 @@ class Generator:
         self._prefill_step, self._decode_step = self._prefill_impl, self._decode_impl
         store = CompileCache.for_model(model, self.dtype) if compile and compile_cache else None
         if compile:  # no process-wide settings here: `generate` raises the recompile limit while it runs
-            self._prefill_step = compile_prefill(self._prefill_impl, "prefill", store)
+            # saved whole (`precompile`): a later process loads each step without tracing (docs/compile.md)
+            saved = {"store": store, "precompile": True}
+            self._prefill_step = compile_prefill(self._prefill_impl, "prefill", frozen_attribute="model", **saved)
             # Decode has static shapes: on CUDA it is captured as a CUDA graph; on CPU its batch-1
             # matmuls become streaming reductions (see fmstack.generation.compile).
             self._decode_step = compile_decode(self._decode_impl, self.device, gemv_max_rows,
-                                               frozen_attribute="model", store=store)
+                                               frozen_attribute="model", **saved)
         self._logits_few = self._logits_many = self._logits_impl
         if compile:  # T <= GEMV_MAX_ROWS: static graphs (one per T), like decode; longer: a symbolic length
             self._logits_few = compile_decode(self._logits_impl, self.device, frozen_attribute="model",
-                                              what="forward (few tokens)", store=store)
-            self._logits_many = compile_prefill(self._logits_impl, "forward", store)
-
-    # -- model calls: one forward + sampling each; these are what torch.compile wraps ---------------
-    def _sdpa_choice(self) -> contextlib.AbstractContextManager:
-        """`--sdpa-backend` around a model call: 'auto' leaves torch's choice alone (no context: in a
-        compiled step `sdpa_kernel` is a call into torch.nn.attention, which keeps AOTAutograd's cache
-        from storing the graph), a named backend restricts SDPA to it."""
-        return contextlib.nullcontext() if self._auto_sdpa else sdpa_kernel(self.sdpa_backends)
-
-    def _prefill_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
-                      top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
-                      scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
-        """tokens/positions `[B, T]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
-        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
-        with self._sdpa_choice():
-            logits = adjust_logits(self.model(tokens, positions, cache, last_only=True)[:, -1], scale, add)
-        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
-
-    def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, temperature: Tensor,
-                     top_k: Tensor, top_p: Tensor, noise: Tensor | None, min_p: Tensor | None = None,
-                     scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
-        """tokens/positions `[B, 1]` -> next token ids `[B]` (noise None: every row is greedy; min_p,
-        scale, add None: no row uses them, see `sampling.logit_adjustments`)."""
-        with self._sdpa_choice():
-            logits = adjust_logits(self.model(tokens, positions, cache)[:, -1], scale, add)
-        return logits.argmax(-1) if noise is None else sample(logits, temperature, top_k, top_p, noise, min_p)
-
-    def _logits_impl(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache) -> Tensor:
-        with self._sdpa_choice():
-            return self.model(tokens, positions, cache)
+                                              what="forward (few tokens)", **saved)
+            self._logits_many = compile_prefill(self._logits_impl, "forward", frozen_attribute="model", **saved)
 
     def decode_sdpa_backend(self, batch_size: int, seq_len: int) -> str:
         """The SDPA backend a decode step of `batch_size` rows over a `seq_len`-slot cache runs under
@@ -195,7 +207,7 @@ class Generator:
                      temperature: Tensor, top_k: Tensor, top_p: Tensor, noise: Tensor | None,
                      min_p: Tensor | None = None, scale: Tensor | None = None, add: Tensor | None = None) -> Tensor:
         """Prefill or decode with grammar masks (`--json-schema`): the forward, the constrained rows'
-        masks on their logits, then the same adjustments and sampler as `_decode_impl` (eager: the
+        masks on their logits, then the same adjustments and sampler as `ModelSteps.decode` (eager: the
         masks are host work)."""
         logits = self.logits(tokens, positions, cache)[:, -1].float()
         apply_masks(logits, matchers)

@@ -1,6 +1,7 @@
-"""The persistent compile cache (`fmstack.generation.compile_cache`): a second process loads a
-compiled step instead of lowering and building it again, a changed key misses, a corrupt entry is
-rebuilt with one warning. Each run is a fresh process: the first two keep Inductor's directory in
+"""The persistent compile cache (`fmstack.generation.compile_cache`), its bundles of cache artifacts
+(whole saved steps off, $FMSTACK_PRECOMPILE=0: tests/generation/test_compile_precompile.py covers
+those): a second process loads a compiled step instead of lowering and building it again, a changed
+key misses, a corrupt entry is rebuilt with one warning. Each run is a fresh process: the first two keep Inductor's directory in
 fmstack's cache (the warm start: AOTAutograd's cache hits, no C++ is built), the others have their own
 empty Inductor directory, so only fmstack's bundle can carry a compiled graph to them."""
 
@@ -36,7 +37,7 @@ print(json.dumps({"ids": [r.token_ids for r in out], **cache_counters()}))
 def run(tmp_path: Path, name: str | None, batch: int) -> tuple[dict, str]:
     """RUN in a fresh process with fmstack's cache under tmp_path and Inductor's in `inductor-<name>`
     (name None: Inductor's directory is not set, so fmstack puts it in its own cache)."""
-    env = {**os.environ, "FMSTACK_CACHE_DIR": str(tmp_path / "fmstack"),
+    env = {**os.environ, "FMSTACK_CACHE_DIR": str(tmp_path / "fmstack"), "FMSTACK_PRECOMPILE": "0",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     if name is None:
@@ -98,9 +99,9 @@ def test_key_covers_dtype_quantization_config_torch_isa_and_step(tmp_path):
              .path("decode step", ("batch 1", "greedy")),
              CompileCache.for_model(other_config, torch.float32, tmp_path).path("decode step", ("batch 1", "greedy"))}
     fingerprint = model_fingerprint(model, torch.float32)
-    for field, value in (("torch", "2.99.0"), ("isa", "NO-ISA")):
+    for field, value in (("torch", "2.99.0"), ("isa", "NO-ISA"), ("native", not fingerprint["native"])):
         paths.add(CompileCache({**fingerprint, field: value}, tmp_path).path("decode step", ("batch 1", "greedy")))
-    assert len(paths) == 9
+    assert len(paths) == 10
     assert fingerprint["torch"] == torch.__version__ and fingerprint["isa"]
     assert base.path("prefill", ("batch 1",)) == CompileCache(fingerprint, tmp_path).path("prefill", ("batch 1",))
 
