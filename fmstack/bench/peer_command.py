@@ -22,9 +22,19 @@ from pathlib import Path
 def hf_generate(args: argparse.Namespace) -> dict:
     """HF transformers, eager, fp32: the GGUF (or HF directory) through `from_pretrained`."""
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _hf_run(args)
+    finally:
+        torch.set_num_threads(threads)  # called in-process (a test), the caller keeps its thread count
+
+
+def _hf_run(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(args.threads)
     path = Path(args.model)
     src, kw = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(path), {})
     t0 = time.perf_counter()

@@ -150,8 +150,16 @@ def run(args: argparse.Namespace) -> dict | None:
     plan = check_args(args)
     if args.plot:
         require_matplotlib()  # fail before a long benchmark, not after it
+    threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, plan)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a test, a script) keeps its own
+
+
+def _run(args: argparse.Namespace, plan: Plan) -> dict | None:
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     compile_start = compile_counts()
