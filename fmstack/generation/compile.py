@@ -52,9 +52,12 @@ def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int 
 def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | None = None,
                     precompile: bool = False, frozen_attribute: str | None = None) -> LoggedCompile:
     """`fn` compiled with a sequence length the caller marks dynamic (one graph for all lengths); with
-    `precompile` (and `store`) saved whole, without guards on `self.<frozen_attribute>`."""
+    `precompile` (and `store`) saved whole, without guards on `self.<frozen_attribute>`. Everything
+    else is static (`dynamic=False`): a second batch size is a graph of its own, where Dynamo's
+    automatic dynamic shapes would re-trace with a symbolic batch, which torch 2.13 fails on inside
+    the compile region (InternalTorchDynamoError KeyError in `stamp_out_subgraph`)."""
     return LoggedCompile(fn, what, static_tokens=False, store=store, precompile=precompile,
-                         frozen_attribute=frozen_attribute, fullgraph=True)
+                         frozen_attribute=frozen_attribute, fullgraph=True, dynamic=False)
 
 
 def with_recompile_limit(method: Callable) -> Callable:

@@ -53,6 +53,19 @@ def test_compiled_tokens_equal_eager(tiny, compiled_runs):
         assert ids == eager.generate([list(range(10, 10 + n))], SamplingParams(max_new_tokens=20))[0].token_ids
 
 
+def test_a_second_batch_size_compiles_in_the_same_process(tiny):
+    """Batch 1 then batch 3 through one compiled generator: the prefill graph stays static in the batch
+    (a dynamic batch, Dynamo's automatic choice on the recompile, crashed torch 2.13's re-trace of the
+    compile region: InternalTorchDynamoError KeyError in stamp_out_subgraph), tokens equal eager."""
+    torch._dynamo.reset()
+    gen = Generator(tiny, eos_ids=[], compile=True, max_seq_len=64)
+    eager = Generator(tiny, eos_ids=[], max_seq_len=64)
+    params = SamplingParams(max_new_tokens=4)
+    for prompts in ([[1, 2, 3, 4]], [[5, 6, 7], [8, 9, 10], [11, 12, 13]]):
+        assert [r.token_ids for r in gen.generate(prompts, params)] == \
+            [r.token_ids for r in eager.generate(prompts, params)]
+
+
 def test_compiled_logits_equal_eager(tiny):
     torch._dynamo.reset()
     tokens = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0))
