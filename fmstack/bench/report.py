@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime
 import platform
-import time
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
