@@ -94,7 +94,9 @@ def llamacpp_generate(args: argparse.Namespace) -> dict:
             "tokens": len(out), "prompt_tokens": len(ids), "label": f"llama-cpp-python {llama_cpp.__version__}"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse `argv`, generate with the peer, append its JSON line to --events and return the record
+    (with the generated text under "text"); the script's entry point writes the text to stdout."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("system", choices=["hf", "llamacpp"])
     p.add_argument("prompt")
@@ -105,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", required=True, help="file the JSON line is appended to")
     args = p.parse_args(argv)
     record = (hf_generate if args.system == "hf" else llamacpp_generate)(args)
-    sys.stdout.write(record.pop("text") + "\n")  # the generated text, as `fmstack generate` writes it
+    line = {k: v for k, v in record.items() if k != "text"}
     with open(args.events, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"system": args.system, "end_time": time.time(), **record}) + "\n")
-    return 0
+        f.write(json.dumps({"system": args.system, "end_time": time.time(), **line}) + "\n")
+    return record
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.stdout.write(run()["text"] + "\n")  # the generated text, as `fmstack generate` writes it

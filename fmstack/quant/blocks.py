@@ -43,6 +43,11 @@ BLOCKS = (16, 32)
 ROWS = 16  # output rows per interleaved group
 
 
+def layout_of(w: "BlockWeight | PackedBlocks") -> tuple[int, int, str, bool]:
+    """(bits, block, scales dtype, has mins) of a weight in either layout."""
+    return w.bits, w.block, str(w.scales.dtype).removeprefix("torch."), w.mins is not None
+
+
 @dataclass(frozen=True)
 class BlockWeight:
     qweight: Tensor
@@ -59,7 +64,7 @@ class BlockWeight:
     @property
     def layout(self) -> tuple[int, int, str, bool]:
         """(bits, block, scales dtype, has mins): what a kernel specializes on."""
-        return self.bits, self.block, str(self.scales.dtype).removeprefix("torch."), self.mins is not None
+        return layout_of(self)
 
     @property
     def out_features(self) -> int:
@@ -84,7 +89,7 @@ class PackedBlocks:
 
     @property
     def layout(self) -> tuple[int, int, str, bool]:
-        return self.bits, self.block, str(self.scales.dtype).removeprefix("torch."), self.mins is not None
+        return layout_of(self)
 
     @property
     def in_features(self) -> int:

@@ -54,11 +54,12 @@ def test_whole_command_writes_json(tiny_dir, tmp_path):
     assert "| fmstack | cold |" in proc.stdout and "| fmstack | warm |" in proc.stdout
 
 
-def test_hf_peer_script(tiny_dir, tmp_path, capsys):
+def test_hf_peer_script(tiny_dir, tmp_path):
     events = tmp_path / "events.jsonl"
-    rc = peer_command.main(["hf", "The lighthouse", "--model", str(tiny_dir), "--max-new-tokens", "5",
-                            "--threads", "1", "--ignore-eos", "--events", str(events)])
-    assert rc == 0 and capsys.readouterr().out.strip()
+    threads = torch.get_num_threads()
+    record = peer_command.run(["hf", "The lighthouse", "--model", str(tiny_dir), "--max-new-tokens", "5",
+                               "--threads", "1", "--ignore-eos", "--events", str(events)])
+    assert record["text"].strip() and torch.get_num_threads() == threads  # the caller's thread count kept
     rec = json.loads(events.read_text())
     assert rec["system"] == "hf" and rec["tokens"] == 5 and rec["prompt_tokens"] >= 2
     assert rec["first_token_time"] <= rec["end_time"] and rec["load_s"] > 0 and rec["decode_s"] > 0
