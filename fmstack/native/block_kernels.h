@@ -51,6 +51,50 @@ static void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, 
   }
 }
 
+#ifdef FM_ZMM
+// x as three int8 digits per block (`kDigits`): q1 = round(x / s1) with s1 = amax / 127, then the
+// residual's digits at s2 = s1 / 254 and s3 = s2 / 254, so |x - (s1 q1 + s2 q2 + s3 q3)| <= s3 / 2 =
+// amax * 6.1e-8: fp32's own rounding of the block's largest value. Integer dot products of these digits
+// with the stored weight bytes are exact, so the exact mode (no activation quantization a user could
+// notice) runs on VNNI like the int8 one. q [M][kDigits][K], s and qsum (the digits' sum, for the 8-bit
+// zero point) [M][kDigits][nb], xs (the float sum of x: the mins' factor) [M][nb].
+static void split3(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, int32_t* qsum, float* xs) {
+  const int64_t nb = K / block;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < nb; ++i) {
+      const float* xb = x + m * K + i * block;
+      __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < block; j += 16) {
+        const __m512 v = _mm512_loadu_ps(xb + j);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+      }
+      const float amax = _mm512_reduce_max_ps(mx);
+      xs[m * nb + i] = _mm512_reduce_add_ps(sum);
+      float scale = amax == 0.f ? 1.f : amax / 127.f;
+      for (int p = 0; p < kDigits; ++p) {
+        const int64_t o = (m * kDigits + p) * nb + i;
+        s[o] = scale;
+        qsum[o] = 0;
+        scale /= 254.f;
+      }
+      for (int64_t j = 0; j < block; j += 16) {
+        __m512 r = _mm512_loadu_ps(xb + j);
+        for (int p = 0; p < kDigits; ++p) {
+          const int64_t o = (m * kDigits + p) * nb + i;
+          const __m512 sv = _mm512_set1_ps(s[o]);
+          __m512 d = _mm512_roundscale_ps(_mm512_div_ps(r, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          d = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), d));
+          r = _mm512_fnmadd_ps(d, sv, r);
+          const __m512i di = _mm512_cvtps_epi32(d);
+          qsum[o] += _mm512_reduce_add_epi32(di);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + (m * kDigits + p) * K + i * block + j), _mm512_cvtsepi32_epi8(di));
+        }
+      }
+    }
+}
+#endif
+
 // The scales of group g as float32 [nb][16] into d, and its mins into mn (0 without mins), with the
 // 8-bit zero point folded in where `zero_point`: mn - 128 d (exact without mins: a power of two times d).
 static inline void group_scales(const Args& a, int64_t g, bool zero_point, float* d, float* mn) {
@@ -136,6 +180,55 @@ static void group_i8(const Args& a, int64_t g, int64_t m0, const float* d, const
   }
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_ps(acc[m], acc_min[m]);
 }
+
+// The exact mode on VNNI: group_i8 with x as its three int8 digits (split3). Each digit's integer sums
+// are exact; 8-bit weights are stored + 128, so 128 * (the digit's block sum) is taken off in int32
+// before anything is rounded; the digits meet at s1, s2, s3 in float, then d and the mins as usual.
+template <int BITS, int BLOCK, int MR>
+static void group_x3(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, __m512* acc) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 acc_min[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
+    __m512i dot[MR][kDigits][A];
+    for (int m = 0; m < MR; ++m)
+      for (int p = 0; p < kDigits; ++p)
+        for (int i = 0; i < A; ++i) dot[m][p][i] = _mm512_setzero_si512();
+    for (int c = 0; c < CH; ++c) {
+      const __m512i v = _mm512_loadu_si512(wq + 64 * c);
+      const __m512i lo = BITS == 4 ? _mm512_and_si512(v, nib) : v;
+      const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), nib) : v;
+      for (int m = 0; m < MR; ++m)
+        for (int p = 0; p < kDigits; ++p) {
+          const int8_t* xb = a.qx + ((m0 + m) * kDigits + p) * a.K + b * BLOCK + 4 * c;
+          if (BITS == 4) {
+            __m512i& dl = dot[m][p][(2 * c) % A];
+            __m512i& dh = dot[m][p][(2 * c + 1) % A];
+            dl = _mm512_dpbusd_epi32(dl, lo, _mm512_set1_epi32(load_i32(xb)));
+            dh = _mm512_dpbusd_epi32(dh, hi, _mm512_set1_epi32(load_i32(xb + 16)));
+          } else {
+            dot[m][p][c % A] = _mm512_dpbusd_epi32(dot[m][p][c % A], v, _mm512_set1_epi32(load_i32(xb)));
+          }
+        }
+    }
+    const __m512 dv = _mm512_loadu_ps(d + b * kRows), mv = _mm512_loadu_ps(mn + b * kRows);
+    for (int m = 0; m < MR; ++m) {
+      __m512 t = _mm512_setzero_ps();
+      for (int p = 0; p < kDigits; ++p) {
+        const int64_t o = ((m0 + m) * kDigits + p) * a.nb + b;
+        __m512i sum = dot[m][p][0];
+        for (int i = 1; i < A; ++i) sum = _mm512_add_epi32(sum, dot[m][p][i]);
+        if (BITS == 8) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.qsum[o]));
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.sx[o]), t);
+      }
+      acc[m] = _mm512_fmadd_ps(t, dv, acc[m]);
+      acc_min[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.xs[(m0 + m) * a.nb + b]), acc_min[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_ps(acc[m], acc_min[m]);
+}
 #else
 static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #ifdef FM_DPBUSD
@@ -198,11 +291,7 @@ constexpr bool kZeroPointI8 = true;  // dot products of the stored (+ 128) bytes
 #else
 constexpr bool kZeroPointI8 = false;  // AVX2 makes the 8-bit values signed before the dot product
 #endif
-#ifdef FM_ZMM
-constexpr bool kZeroPointF32 = false;  // group_f32_rows16 makes them signed too
-#else
 constexpr bool kZeroPointF32 = true;  // group_f32: fma(q + 128, d, min - 128 d), exact
-#endif
 
 // ---- float path: the weight dequantized in registers (fma(q, d, min)) against float32 x ----
 
@@ -286,69 +375,6 @@ static void group_f32(const Args& a, int64_t g, int64_t m0, const float* d, cons
   }
 }
 
-#ifdef FM_ZMM
-// The float path with 512-bit vectors, for up to 2 rows of x: all 16 rows of the group at once (4
-// quarters of 4 rows), so each chunk's x is loaded once; per block the integer-valued q . x sums are
-// scaled by d once, and the mins enter as min * (sum of x over the block), 16 rows per vector. About a
-// quarter fewer instructions per weight than dequantizing each weight with fma(q, d, min).
-template <int BITS, int BLOCK, int MR>
-static void group_f32_rows16(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn,
-                             float (*res)[kRows]) {
-  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4;
-  const __m512i idx[4] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                          _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
-                          _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
-                          _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
-  __m512 acc[MR][4], acc_min[MR];
-  for (int m = 0; m < MR; ++m) {
-    acc_min[m] = _mm512_setzero_ps();
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-  }
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
-    __m512 blk[MR][4];
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < 4; ++j) blk[m][j] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int c = 0; c < CH; ++c) {
-      __m512 xl[MR], xh[MR];
-      for (int m = 0; m < MR; ++m) {
-        const float* xb = a.x + (m0 + m) * a.K + b * BLOCK + 4 * c;
-        xl[m] = x_lanes(xb);
-        if (BITS == 4) xh[m] = x_lanes(xb + 16);
-      }
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m512i q = load_u8_lanes(wq + 64 * c + 16 * j);
-        if (BITS == 4) {
-          const __m512 lo = vcvt(vand(q, 0x0F)), hi = vcvt(vsrl4(q));
-          for (int m = 0; m < MR; ++m) blk[m][j] = vfma(hi, xh[m], vfma(lo, xl[m], blk[m][j]));
-        } else {  // the stored q + 128 made signed again: sums of q x, not of (q + 128) x (no cancellation)
-          const __m512 w = vcvt(_mm512_sub_epi32(q, _mm512_set1_epi32(128)));
-          for (int m = 0; m < MR; ++m) blk[m][j] = vfma(w, xl[m], blk[m][j]);
-        }
-      }
-    }
-    const __m512 dv = _mm512_loadu_ps(d + b * kRows), mv = _mm512_loadu_ps(mn + b * kRows);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512 dj = _mm512_permutexvar_ps(idx[j], dv);
-      for (int m = 0; m < MR; ++m) acc[m][j] = vfma(blk[m][j], dj, acc[m][j]);
-    }
-    for (int m = 0; m < MR; ++m) acc_min[m] = vfma(mv, _mm512_set1_ps(a.xs[(m0 + m) * a.nb + b]), acc_min[m]);
-  }
-  for (int m = 0; m < MR; ++m) {
-    alignas(64) float t[4][16], mins[16];
-    for (int j = 0; j < 4; ++j) _mm512_store_ps(t[j], acc[m][j]);
-    _mm512_store_ps(mins, acc_min[m]);
-    for (int r = 0; r < kRows; ++r) {
-      const float* l = t[r / 4] + 4 * (r % 4);
-      res[m][r] = ((l[0] + l[1]) + (l[2] + l[3])) + mins[r];
-    }
-  }
-}
-#endif
-
 // ---- dispatch over one range of groups ----
 
 static inline void store_rows(const Args& a, int64_t g, int64_t m, const float* v) {
@@ -377,16 +403,22 @@ static void tile_i8(const Args& a, int64_t g, int64_t m0, const float* d, const 
 #endif
 }
 
+#ifdef FM_ZMM
+template <int BITS, int BLOCK, int MR>
+static void tile_x3(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+  alignas(64) float v[kRows];
+  __m512 acc[MR];
+  group_x3<BITS, BLOCK, MR>(a, g, m0, d, mn, acc);
+  for (int m = 0; m < MR; ++m) {
+    _mm512_store_ps(v, acc[m]);
+    store_rows(a, g, m0 + m, v);
+  }
+}
+#endif
+
 template <int BITS, int BLOCK, int MR>
 static void tile_f32(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
   float res[MR][kRows];
-#ifdef FM_ZMM
-  if (MR <= 2) {
-    group_f32_rows16<BITS, BLOCK, MR>(a, g, m0, d, mn, res);
-    for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
-    return;
-  }
-#endif
   group_f32<BITS, BLOCK, MR>(a, g, m0, d, mn, res);
   for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
 }
@@ -397,17 +429,20 @@ static void gemv_t(const Args& a, int64_t g0, int64_t g1) {
   float *d = buf.data(), *mn = d + a.nb * kRows;
   const bool i8 = a.qx != nullptr;
   for (int64_t g = g0; g < g1; ++g) {
-    group_scales(a, g, BITS == 8 && (i8 ? kZeroPointI8 : kZeroPointF32), d, mn);
+    group_scales(a, g, BITS == 8 && !a.qsum && (i8 ? kZeroPointI8 : kZeroPointF32), d, mn);
     int64_t m = 0;
+#ifdef FM_ZMM
+    if (a.qsum) {  // the exact mode as digits (split3); the zero point is taken off in the kernel
+      for (; m + 2 <= a.M; m += 2) tile_x3<BITS, BLOCK, 2>(a, g, m, d, mn);
+      for (; m < a.M; ++m) tile_x3<BITS, BLOCK, 1>(a, g, m, d, mn);
+      continue;
+    }
+#endif
     if (i8) {
       for (; m + 4 <= a.M; m += 4) tile_i8<BITS, BLOCK, 4>(a, g, m, d, mn);
       for (; m < a.M; ++m) tile_i8<BITS, BLOCK, 1>(a, g, m, d, mn);
     } else {
-#ifdef FM_ZMM
-      for (; m + 2 <= a.M; m += 2) tile_f32<BITS, BLOCK, 2>(a, g, m, d, mn);
-#else
       for (; m + 4 <= a.M; m += 4) tile_f32<BITS, BLOCK, 4>(a, g, m, d, mn);
-#endif
       for (; m < a.M; ++m) tile_f32<BITS, BLOCK, 1>(a, g, m, d, mn);
     }
   }
