@@ -41,6 +41,7 @@ namespace {
 constexpr int64_t kGemvRows = 16;  // x rows up to which the weight is streamed once (decode)
 constexpr int64_t kRows = 16;      // output rows per interleaved group (fmstack/quant/blocks.py: pack_rows)
 constexpr int64_t kTileGroups = 4;
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream (block_kernels.h: prefetch)
 constexpr int kDigits = 3;  // int8 digits per activation in the exact mode on VNNI (block_kernels.h: split3)  // groups per dequantized prefill tile (64 rows)
 
 struct Args {
