@@ -11,7 +11,7 @@
 // (block_kernels.h: split3, error <= 6.1e-8 of the block's largest value) through the same integer
 // kernels, 2.6x faster than dequantizing in registers (3072 x 576 Q4_1, one thread, in cache: 0.96 against
 // 2.54 cycles per 16 weights); on AVX2 the weight is dequantized in registers against float x. M > kGemvRows (prefill): tiles of
-// 4 groups are dequantized to float32 and multiplied with at::mm (BLAS), in parallel over tiles.
+// ~1 MB of rows are dequantized to float32 and multiplied with at::mm (BLAS), in parallel over tiles.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,9 +40,9 @@ namespace {
 
 constexpr int64_t kGemvRows = 16;  // x rows up to which the weight is streamed once (decode)
 constexpr int64_t kRows = 16;      // output rows per interleaved group (fmstack/quant/blocks.py: pack_rows)
-constexpr int64_t kTileGroups = 4;
+constexpr int64_t kTileBytes = 1 << 20;  // dequantized float32 rows per prefill tile (tiled_mm)
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream (block_kernels.h: prefetch)
-constexpr int kDigits = 3;  // int8 digits per activation in the exact mode on VNNI (block_kernels.h: split3)  // groups per dequantized prefill tile (64 rows)
+constexpr int kDigits = 3;  // int8 digits per activation in the exact mode on VNNI (block_kernels.h: split3)
 
 struct Args {
   const uint8_t* w;  // interleaved qweight [G, nb, QB / 4 chunks, 16 rows, 4 bytes], QB = block * bits / 8
@@ -301,11 +301,15 @@ void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 
 // Prefill: tiles of weight groups dequantized to float32, then BLAS; xf is x (or its int8 round trip).
 void tiled_mm(Isa isa, const Args& a, const at::Tensor& xf) {
-  const int64_t tiles = (a.G + kTileGroups - 1) / kTileGroups;
+  // ~1 MB of dequantized rows per tile (in L2): each tile re-reads x, so narrow tiles made a long
+  // prefill read x once per 64 rows (the 49152-row head of SmolLM2 at 1024 tokens, one thread: 797 ms
+  // with 64-row tiles, 508 ms with 1 MB tiles (448 rows), 475-500 ms for BLAS on the fp32 weight)
+  const int64_t tile_groups = std::max<int64_t>(4, kTileBytes / (kRows * a.K * (int64_t)sizeof(float)));
+  const int64_t tiles = (a.G + tile_groups - 1) / tile_groups;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(kTileGroups * kRows * a.K);
+    std::vector<float> buf(tile_groups * kRows * a.K);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g0 = t * kTileGroups, g1 = std::min(a.G, g0 + kTileGroups);
+      const int64_t g0 = t * tile_groups, g1 = std::min(a.G, g0 + tile_groups);
       const int64_t n0 = g0 * kRows, n1 = std::min(a.N, g1 * kRows);
       run_dequant(isa, a, g0, g1, buf.data());
       const at::Tensor w = at::from_blob(buf.data(), {n1 - n0, a.K}, xf.options());
