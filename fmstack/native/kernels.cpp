@@ -407,7 +407,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const auto* mp = reinterpret_cast<const uint8_t*>(visible.data_ptr<bool>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc(S);
+    std::vector<float> sc(2 * S);  // scores, then the visible keys' indices (attention_kernels.h)
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, kv = (b * Hkv + (i % H) / (H / Hkv)) * S * D;
       for (int64_t t = 0; t < T; ++t)
