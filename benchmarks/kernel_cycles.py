@@ -64,10 +64,11 @@ def time_call(fn, seconds: float, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def measure(threads: int, repeats: int) -> list[dict]:
+def measure(threads: int, repeats: int, isa: str) -> list[dict]:
     from fmstack import native
 
     assert native.available(), "the native kernels did not build"
+    native.isa(isa)
     torch.set_num_threads(threads)
     gen, mhz, rows = torch.Generator().manual_seed(0), clock_mhz(), []
     op = torch.ops.fmstack.block_linear
@@ -76,7 +77,7 @@ def measure(threads: int, repeats: int) -> list[dict]:
         x = torch.randn(1, k, generator=gen)
         for int8_act in (False, True):
             s = time_call(lambda: op(x, p.qweight, p.scales, p.mins, bits, 32, p.n, int8_act), 0.2, repeats)
-            rows.append({"n": n, "k": k, "bits": bits, "mode": "int8-act" if int8_act else "exact",
+            rows.append({"isa": native.isa(), "n": n, "k": k, "bits": bits, "mode": "int8-act" if int8_act else "exact",
                          "us": round(s * 1e6, 2), "gweights_per_s": round(n * k / s / 1e9, 2),
                          "cycles_per_16_weights": round(s * mhz * 1e6 * threads / (n * k / 16), 3)})
     return rows
@@ -87,19 +88,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--label", default="run")
+    ap.add_argument("--isas", default="avx512vnni,avx2", help="code paths to time (clamped to this CPU's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from fmstack import native
 
-    rows = measure(args.threads, args.repeats)
+    rows = [r for isa in args.isas.split(",") for r in measure(args.threads, args.repeats, isa)]
     root = Path(native.__file__).resolve().parents[2]
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    run = {"label": args.label, "commit": commit, "library": str(root), "isa": native.isa(),
+    run = {"label": args.label, "commit": commit, "library": str(root),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
            "clock_mhz": clock_mhz(), "load_avg": os.getloadavg(), "rows": rows}
     for r in rows:
-        print(f"{r['n']:6d} x {r['k']:4d} Q{r['bits']} {r['mode']:8s} {r['us']:9.1f} us  "
+        print(f"{r['isa']:10s} {r['n']:6d} x {r['k']:4d} Q{r['bits']} {r['mode']:8s} {r['us']:9.1f} us  "
               f"{r['cycles_per_16_weights']:.2f} cycles / 16 weights")
     if args.out:
         old = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "kernel_cycles", "runs": []}

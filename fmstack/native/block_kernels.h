@@ -57,49 +57,49 @@ static void quantize(const float* x, int64_t nblocks, int64_t block, int8_t* q, 
   }
 }
 
-#ifdef FM_ZMM
 // x as three int8 digits per block (`kDigits`): q1 = round(x / s1) with s1 = amax / 127, then the
 // residual's digits at s2 = s1 / 254 and s3 = s2 / 254, so |x - (s1 q1 + s2 q2 + s3 q3)| <= s3 / 2 =
 // amax * 6.1e-8: fp32's own rounding of the block's largest value. Integer dot products of these digits
 // with the stored weight bytes are exact, so the exact mode (no activation quantization a user could
-// notice) runs on VNNI like the int8 one. q [M][kDigits][K], s and qsum (the digits' sum, for the 8-bit
-// zero point) [M][kDigits][nb], xs (the float sum of x: the mins' factor) [M][nb].
+// notice) runs on the integer kernels like the int8 one. q [M][kDigits][K], s and qsum (the digits'
+// sum, for the 8-bit zero point) [M][kDigits][nb], xs (the float sum of x: the mins' factor) [M][nb].
 static void split3(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* s, int32_t* qsum, float* xs) {
   const int64_t nb = K / block;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < nb; ++i) {
       const float* xb = x + m * K + i * block;
-      __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < block; j += 16) {
-        const __m512 v = _mm512_loadu_ps(xb + j);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-        sum = _mm512_add_ps(sum, v);
+      __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < block; j += 8) {
+        const __m256 v = _mm256_loadu_ps(xb + j);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        sum = _mm256_add_ps(sum, v);
       }
-      const float amax = _mm512_reduce_max_ps(mx);
-      xs[m * nb + i] = _mm512_reduce_add_ps(sum);
+      alignas(32) float t[8];
+      _mm256_store_ps(t, mx);
+      const float amax = *std::max_element(t, t + 8);
+      xs[m * nb + i] = hsum(sum);
       float scale = amax == 0.f ? 1.f : amax / 127.f;
-      for (int p = 0; p < kDigits; ++p) {
-        const int64_t o = (m * kDigits + p) * nb + i;
-        s[o] = scale;
-        qsum[o] = 0;
-        scale /= 254.f;
-      }
-      for (int64_t j = 0; j < block; j += 16) {
-        __m512 r = _mm512_loadu_ps(xb + j);
+      for (int p = 0; p < kDigits; ++p, scale /= 254.f) s[(m * kDigits + p) * nb + i] = scale;
+      __m256i dsum[kDigits] = {};
+      for (int64_t j = 0; j < block; j += 8) {
+        __m256 r = _mm256_loadu_ps(xb + j);
         for (int p = 0; p < kDigits; ++p) {
-          const int64_t o = (m * kDigits + p) * nb + i;
-          const __m512 sv = _mm512_set1_ps(s[o]);
-          __m512 d = _mm512_roundscale_ps(_mm512_div_ps(r, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          d = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), d));
-          r = _mm512_fnmadd_ps(d, sv, r);
-          const __m512i di = _mm512_cvtps_epi32(d);
-          qsum[o] += _mm512_reduce_add_epi32(di);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + (m * kDigits + p) * K + i * block + j), _mm512_cvtsepi32_epi8(di));
+          const __m256 sv = _mm256_set1_ps(s[(m * kDigits + p) * nb + i]);
+          __m256 d = _mm256_round_ps(_mm256_div_ps(r, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          d = _mm256_min_ps(hi, _mm256_max_ps(lo, d));
+          r = _mm256_fnmadd_ps(d, sv, r);
+          const __m256i di = _mm256_cvtps_epi32(d);
+          dsum[p] = _mm256_add_epi32(dsum[p], di);
+          const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(di), _mm256_extracti128_si256(di, 1));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(q + (m * kDigits + p) * K + i * block + j), _mm_packs_epi16(p16, p16));
         }
       }
+      for (int p = 0; p < kDigits; ++p)
+        qsum[(m * kDigits + p) * nb + i] = static_cast<int32_t>(hsum(_mm256_cvtepi32_ps(dsum[p])));
     }
 }
-#endif
 
 // The scales of group g as float32 [nb][16] into d, and its mins into mn (0 without mins), with the
 // 8-bit zero point folded in where `zero_point`: mn - 128 d (exact without mins: a power of two times d).
@@ -300,90 +300,62 @@ constexpr bool kZeroPointI8 = true;  // dot products of the stored (+ 128) bytes
 #else
 constexpr bool kZeroPointI8 = false;  // AVX2 makes the 8-bit values signed before the dot product
 #endif
-constexpr bool kZeroPointF32 = true;  // group_f32: fma(q + 128, d, min - 128 d), exact
-
-// ---- float path: the weight dequantized in registers (fma(q, d, min)) against float32 x ----
-
-// Lane helpers of the float path: 16 (512-bit) or 8 (256-bit) lanes, 4 weights of one row per 4 lanes.
-#ifdef FM_ZMM
-static inline __m512 vzero() { return _mm512_setzero_ps(); }
-static inline __m512 row_lanes(const float* p) {  // p[0] x4, p[1] x4, p[2] x4, p[3] x4
-  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p)));
-}
-static inline __m512i load_u8_lanes(const uint8_t* p) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-static inline __m512i vand(__m512i q, int m) { return _mm512_and_si512(q, _mm512_set1_epi32(m)); }
-static inline __m512i vsrl4(__m512i q) { return _mm512_srli_epi32(q, 4); }
-static inline __m512 vcvt(__m512i q) { return _mm512_cvtepi32_ps(q); }
-static inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-static inline __m512 x_lanes(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
-static inline void vstore(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
-#else
-static inline __m256 vzero() { return _mm256_setzero_ps(); }
-static inline __m256 row_lanes(const float* p) { return _mm256_set_m128(_mm_broadcast_ss(p + 1), _mm_broadcast_ss(p)); }
-static inline __m256i load_u8_lanes(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
-static inline __m256i vand(__m256i q, int m) { return _mm256_and_si256(q, _mm256_set1_epi32(m)); }
-static inline __m256i vsrl4(__m256i q) { return _mm256_srli_epi32(q, 4); }
-static inline __m256 vcvt(__m256i q) { return _mm256_cvtepi32_ps(q); }
-static inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-static inline __m256 x_lanes(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
-static inline void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-static inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
-#endif
-
-// Rows m0..m0+MR of x against group g. Lanes hold 4 consecutive weights of a few rows (512-bit: 4
-// rows, 256-bit: 2), so each pass j covers those rows over every block (the group, a few KB, stays in
-// L1 between passes) and sums the 4 lanes of a row at the end into res[m][row].
+#ifndef FM_ZMM
+// The exact mode with 256-bit vectors: half_i8 with x as its three int8 digits (split3), as group_x3.
+// Without VNNI the 8-bit values are made signed (no zero point); with it (stored + 128) 128 x the
+// digit's block sum is taken off in int32.
 template <int BITS, int BLOCK, int MR>
-static void group_f32(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, float (*res)[kRows]) {
-  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4;
-#ifdef FM_ZMM
-  using V = __m512;
-  constexpr int RP = 4;  // rows per pass
-#else
-  using V = __m256;
-  constexpr int RP = 2;
-#endif
-  constexpr int A = MR == 1 ? 4 : 2;  // independent sums per row of x (one chain of fmas is latency-bound)
-  for (int j = 0; j < kRows / RP; ++j) {
-    V acc[MR][A];
+static void half_x3(const Args& a, int64_t g, int h, int64_t m0, const float* d, const float* mn, __m256* acc) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 2 : 1;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256 acc_min[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 32 * h;
+    __m256i dot[MR][kDigits][A];
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < A; ++i) acc[m][i] = vzero();
-    for (int64_t b = 0; b < a.nb; ++b) {
-      const V dv = row_lanes(d + b * kRows + RP * j), mv = row_lanes(mn + b * kRows + RP * j);
-      const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 4 * RP * j;
-      for (int c = 0; c < CH; ++c) {
-        const auto q = load_u8_lanes(wq + 64 * c);
-        if (j == 0) prefetch(wq + 64 * c);
-        const float* xb = a.x + m0 * a.K + b * BLOCK + 4 * c;
-        if (BITS == 4) {
-          const V lo = vfma(vcvt(vand(q, 0x0F)), dv, mv), hi = vfma(vcvt(vsrl4(q)), dv, mv);
-          for (int m = 0; m < MR; ++m) {
-            V& al = acc[m][(2 * c) % A];
-            V& ah = acc[m][(2 * c + 1) % A];
-            al = vfma(lo, x_lanes(xb + m * a.K), al);
-            ah = vfma(hi, x_lanes(xb + m * a.K + 16), ah);
+      for (int p = 0; p < kDigits; ++p)
+        for (int i = 0; i < A; ++i) dot[m][p][i] = _mm256_setzero_si256();
+    for (int c = 0; c < CH; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 64 * c));
+      if (h == 0) prefetch(wq + 64 * c);
+#ifndef FM_DPBUSD
+      const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))), wu = _mm256_abs_epi8(ws);
+#endif
+      for (int m = 0; m < MR; ++m)
+        for (int p = 0; p < kDigits; ++p) {
+          const int8_t* xb = a.qx + ((m0 + m) * kDigits + p) * a.K + b * BLOCK + 4 * c;
+          if (BITS == 4) {
+            __m256i& dl = dot[m][p][(2 * c) % A];
+            __m256i& dh = dot[m][p][(2 * c + 1) % A];
+            dl = dot_u8s8(dl, _mm256_and_si256(v, nib), _mm256_set1_epi32(load_i32(xb)));
+            dh = dot_u8s8(dh, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), _mm256_set1_epi32(load_i32(xb + 16)));
+          } else {
+#ifdef FM_DPBUSD
+            dot[m][p][c % A] = dot_u8s8(dot[m][p][c % A], v, _mm256_set1_epi32(load_i32(xb)));
+#else
+            dot[m][p][c % A] = dot_u8s8(dot[m][p][c % A], wu, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb)), ws));
+#endif
           }
-        } else {
-          const V w = vfma(vcvt(q), dv, mv);
-          for (int m = 0; m < MR; ++m) acc[m][c % A] = vfma(w, x_lanes(xb + m * a.K), acc[m][c % A]);
         }
-      }
     }
+    const __m256 dv = _mm256_loadu_ps(d + b * kRows + 8 * h), mv = _mm256_loadu_ps(mn + b * kRows + 8 * h);
     for (int m = 0; m < MR; ++m) {
-      V sum = acc[m][0];
-      for (int i = 1; i < A; ++i) sum = vadd(sum, acc[m][i]);
-      float t[4 * RP];
-      vstore(t, sum);
-      for (int r = 0; r < RP; ++r) res[m][RP * j + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
+      __m256 t = _mm256_setzero_ps();
+      for (int p = 0; p < kDigits; ++p) {
+        const int64_t o = ((m0 + m) * kDigits + p) * a.nb + b;
+        __m256i sum = dot[m][p][0];
+        for (int i = 1; i < A; ++i) sum = _mm256_add_epi32(sum, dot[m][p][i]);
+        if (BITS == 8 && kZeroPointI8) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * a.qsum[o]));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(a.sx[o]), t);
+      }
+      acc[m] = _mm256_fmadd_ps(t, dv, acc[m]);
+      acc_min[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.xs[(m0 + m) * a.nb + b]), acc_min[m]);
     }
   }
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_ps(acc[m], acc_min[m]);
 }
+#endif
 
 // ---- dispatch over one range of groups ----
 
@@ -413,9 +385,9 @@ static void tile_i8(const Args& a, int64_t g, int64_t m0, const float* d, const 
 #endif
 }
 
-#ifdef FM_ZMM
 template <int BITS, int BLOCK, int MR>
 static void tile_x3(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+#ifdef FM_ZMM
   alignas(64) float v[kRows];
   __m512 acc[MR];
   group_x3<BITS, BLOCK, MR>(a, g, m0, d, mn, acc);
@@ -423,37 +395,30 @@ static void tile_x3(const Args& a, int64_t g, int64_t m0, const float* d, const 
     _mm512_store_ps(v, acc[m]);
     store_rows(a, g, m0 + m, v);
   }
-}
-#endif
-
-template <int BITS, int BLOCK, int MR>
-static void tile_f32(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+#else
   float res[MR][kRows];
-  group_f32<BITS, BLOCK, MR>(a, g, m0, d, mn, res);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MR];
+    half_x3<BITS, BLOCK, MR>(a, g, h, m0, d, mn, acc);
+    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(res[m] + 8 * h, acc[m]);
+  }
   for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
+#endif
 }
 
 template <int BITS, int BLOCK>
 static void gemv_t(const Args& a, int64_t g0, int64_t g1) {
   std::vector<float> buf(2 * a.nb * kRows);
   float *d = buf.data(), *mn = d + a.nb * kRows;
-  const bool i8 = a.qx != nullptr;
   for (int64_t g = g0; g < g1; ++g) {
-    group_scales(a, g, BITS == 8 && !a.qsum && (i8 ? kZeroPointI8 : kZeroPointF32), d, mn);
+    group_scales(a, g, BITS == 8 && !a.qsum && kZeroPointI8, d, mn);
     int64_t m = 0;
-#ifdef FM_ZMM
     if (a.qsum) {  // the exact mode as digits (split3); the zero point is taken off in the kernel
       for (; m + 2 <= a.M; m += 2) tile_x3<BITS, BLOCK, 2>(a, g, m, d, mn);
       for (; m < a.M; ++m) tile_x3<BITS, BLOCK, 1>(a, g, m, d, mn);
-      continue;
-    }
-#endif
-    if (i8) {
+    } else {
       for (; m + 4 <= a.M; m += 4) tile_i8<BITS, BLOCK, 4>(a, g, m, d, mn);
       for (; m < a.M; ++m) tile_i8<BITS, BLOCK, 1>(a, g, m, d, mn);
-    } else {
-      for (; m + 4 <= a.M; m += 4) tile_f32<BITS, BLOCK, 4>(a, g, m, d, mn);
-      for (; m < a.M; ++m) tile_f32<BITS, BLOCK, 1>(a, g, m, d, mn);
     }
   }
 }

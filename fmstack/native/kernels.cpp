@@ -352,9 +352,9 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     a.xs = xs.data();
   }
 #if FM_X86
-  if (!int8_act && isa == kAvx512Vnni) {  // x as exact int8 digits, then the integer kernels
+  if (!int8_act && isa != kScalar) {  // x as exact int8 digits, then the integer kernels
     q.resize(M * kDigits * K), s.resize(M * kDigits * nb), qsum.resize(M * kDigits * nb);
-    avx512vnni::split3(a.x, M, K, block, q.data(), s.data(), qsum.data(), xs.data());
+    avx2::split3(a.x, M, K, block, q.data(), s.data(), qsum.data(), xs.data());
     a.qx = q.data(), a.sx = s.data(), a.qsum = qsum.data();
   }
 #endif
