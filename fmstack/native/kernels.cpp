@@ -7,10 +7,10 @@
 // meets every row of x while it is in registers. With int8_act, x is quantized per row and block
 // exactly as blocks.quantize_activations does, the block sums are integer dot products (VNNI / AVX2 /
 // scalar) of 16 rows at once, and one float multiply-add per block applies the scales of 16 rows.
-// Without it (the exact mode) x keeps float32 precision: on AVX-512 VNNI as three int8 digits per value
-// (block_kernels.h: split3, error <= 6.1e-8 of the block's largest value) through the same integer
-// kernels, 2.6x faster than dequantizing in registers (3072 x 576 Q4_1, one thread, in cache: 0.96 against
-// 2.54 cycles per 16 weights); on AVX2 the weight is dequantized in registers against float x. M > kGemvRows (prefill): tiles of
+// Without it (the exact mode) x keeps float32 precision as three int8 digits per value (block_kernels.h:
+// split3, error <= 6.1e-8 of the block's largest value) through the same integer kernels, where
+// dequantizing the weight in registers against float x was compute-bound (benchmarks/kernel_cycles.py;
+// docs/quant-kernels.md). The scalar path computes in float. M > kGemvRows (prefill): tiles of
 // ~1 MB of rows are dequantized to float32 and multiplied with at::mm (BLAS), in parallel over tiles.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
