@@ -47,6 +47,7 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "dynamo.aot_compiled_function": _module_attr("torch._dynamo.aot_compile", "AOTCompiledFunction"),
     "inductor.cpu_vec_isa": lambda: importlib.import_module("torch._inductor.cpu_vec_isa"),
     "inductor.config": lambda: importlib.import_module("torch._inductor.config"),
+    "inductor.cpp_builder": lambda: importlib.import_module("torch._inductor.cpp_builder"),
     "C.dispatch_has_kernel": lambda: torch._C._dispatch_has_kernel_for_dispatch_key,
     "aten._weight_int8pack_mm": _op("aten", "_weight_int8pack_mm"),
     "aten._weight_int4pack_mm": _op("aten", "_weight_int4pack_mm"),
