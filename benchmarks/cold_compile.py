@@ -27,7 +27,8 @@ from pathlib import Path
 
 t0 = time.perf_counter()
 
-import torch._inductor.cpp_builder as cpp_builder  # noqa: E402
+import torch  # noqa: E402
+from torch._inductor import cpp_builder  # noqa: E402
 from torch._dynamo.utils import compile_times  # noqa: E402
 
 from fmstack.generation.generate import Generator  # noqa: E402
@@ -78,7 +79,12 @@ def main() -> None:
     parser.add_argument("quantize", nargs="?", default="auto")
     parser.add_argument("--label", default="after", help="the entry of the result file this run replaces")
     parser.add_argument("--out", type=Path, default=RESULTS, help="result file (- for none)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's own; 1 where another job holds a core: with 2 threads "
+                             "every OpenMP region then waits for the descheduled one, seconds per token)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     logging.getLogger("fmstack").setLevel(logging.INFO)
     _record_compiler_runs()
@@ -101,6 +107,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([f"FMSTACK_CACHE_DIR={os.environ.get('FMSTACK_CACHE_DIR', '')}", "python"] + sys.argv),
         "model": f"smollm2-135m-instruct (quantize={args.quantize}), batch 1, greedy, prompt of 39 tokens, 4 new tokens",
+        "threads": torch.get_num_threads(),
         "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "isa_record_at_start": record_before,
         "load_s": round(t1 - t0, 1),

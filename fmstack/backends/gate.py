@@ -48,6 +48,8 @@ SYMBOLS: dict[str, Callable[[], Any]] = {
     "inductor.cpu_vec_isa": lambda: importlib.import_module("torch._inductor.cpu_vec_isa"),
     "inductor.config": lambda: importlib.import_module("torch._inductor.config"),
     "inductor.cpp_builder": lambda: importlib.import_module("torch._inductor.cpp_builder"),
+    "inductor.async_compile": lambda: importlib.import_module("torch._inductor.async_compile"),
+    "inductor.codecache": lambda: importlib.import_module("torch._inductor.codecache"),
     "C.dispatch_has_kernel": lambda: torch._C._dispatch_has_kernel_for_dispatch_key,
     "aten._weight_int8pack_mm": _op("aten", "_weight_int8pack_mm"),
     "aten._weight_int4pack_mm": _op("aten", "_weight_int4pack_mm"),

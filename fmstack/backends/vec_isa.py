@@ -185,8 +185,10 @@ def prefetch(directory: Path | None = None) -> None:
     original = isa.valid_vec_isa_list
 
     def waiting() -> list:
-        if _thread is not None and _thread is not threading.current_thread():
+        if _thread is not None and _thread is not threading.current_thread() and _thread.is_alive():
+            t0 = time.perf_counter()
             _thread.join()
+            log.info("waited %.1f s for the background vector-ISA probe", time.perf_counter() - t0)
         return original()
 
     waiting.cache_info, waiting.cache_clear = original.cache_info, original.cache_clear  # type: ignore[attr-defined]
