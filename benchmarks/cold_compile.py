@@ -28,8 +28,8 @@ from pathlib import Path
 t0 = time.perf_counter()
 
 import torch  # noqa: E402
-from torch._inductor import cpp_builder  # noqa: E402
 from torch._dynamo.utils import compile_times  # noqa: E402
+from torch._inductor import cpp_builder  # noqa: E402
 
 from fmstack.generation.generate import Generator  # noqa: E402
 from fmstack.generation.sampling import SamplingParams  # noqa: E402
