@@ -105,7 +105,8 @@ def main() -> None:
             pass
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([f"FMSTACK_CACHE_DIR={os.environ.get('FMSTACK_CACHE_DIR', '')}", "python"] + sys.argv),
+        "command": " ".join([f"{k}={os.environ[k]}" for k in ("PYTHONPATH", "FMSTACK_CACHE_DIR") if os.environ.get(k)]
+                            + ["python"] + sys.argv),
         "model": f"smollm2-135m-instruct (quantize={args.quantize}), batch 1, greedy, prompt of 39 tokens, 4 new tokens",
         "threads": torch.get_num_threads(),
         "load_avg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
