@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from fmstack.backends import kernel_batch, vec_isa
 from fmstack.backends.dynamo import compile_counters
 from fmstack.backends.gate import warn_once
 from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
@@ -92,6 +93,15 @@ def heartbeat(what: str, label: str, t0: float, every: float = HEARTBEAT_S) -> I
         thread.join()
 
 
+def prepare_cpu_compile(args: tuple) -> None:
+    """Before a step compiles on CPU: Inductor's vector-ISA verdict replayed from this machine's
+    record, else probed in the background while Dynamo traces (`fmstack.backends.vec_isa`), and the
+    graph's C++ kernels built as a few libraries (`fmstack.backends.kernel_batch`)."""
+    if any(isinstance(a, Tensor) and a.device.type == "cpu" for a in args):
+        kernel_batch.install()
+        vec_isa.prefetch()
+
+
 class LoggedCompile:
     """`torch.compile(fn, **kwargs)` whose first call per key (`key(args)`, default `step_key`) logs
     (info) before and after, with the elapsed time and how many graphs Dynamo built in between. Other
@@ -140,6 +150,8 @@ class LoggedCompile:
         label = ", ".join(key) or "first call"
         t0 = time.perf_counter()
         stored = self.store is not None and self.store.load(self.what, key)
+        if not stored:
+            prepare_cpu_compile(args)
         where = "" if self.store is None else self.store.where()
         log.info("compiling %s (%s): once per process%s", self.what, label,
                  f", from the compile cache {where}" if stored else
@@ -165,6 +177,7 @@ class LoggedCompile:
         log.info("compiling %s (%s): once per process; saved whole in %s for later processes", self.what, words,
                  self.store.where())
         t0, before = time.perf_counter(), compile_counters()["graphs"]
+        prepare_cpu_compile(args)
         try:
             with heartbeat(self.what, words, t0):
                 entry = aot_compile(self._aot_compiler(), self.fn, args)

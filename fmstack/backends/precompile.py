@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from fmstack.backends import kernel_batch, vec_isa
 from fmstack.backends.gate import available, symbol
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,10 @@ def load(data: bytes, fn: Callable, frozen_attribute: str | None, isa: Sequence[
          dynamic: dict[str, list[int]]) -> Precompiled:
     """The entry saved as `data` for `fn` (raises on any unreadable entry); `isa` and `dynamic` as
     recorded when it was saved (`vec_isa_probe`, `dynamic_dims`)."""
-    _trust_vec_isa_probe(isa)
+    if not vec_isa.has_record():
+        _trust_vec_isa_probe(isa)
+    vec_isa.settle()  # replayed from this machine's record; after the trust above: Inductor's verdict as is
+    kernel_batch.install()  # the saving process built the kernels together: the same libraries are found
     with _loadable_guards(_frozen_prefixes(frozen_attribute), dynamic):
         loaded = torch.compiler.load_compiled_function(io.BytesIO(data))
     return Precompiled(loaded, owner_of(fn))
