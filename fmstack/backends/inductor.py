@@ -158,6 +158,11 @@ def cpu_decode_backend(max_rows: int, options: dict[str, Any]) -> Callable:
             # `assert_size_stride` call (~20 per decoder block in the decode step), all shapes Inductor
             # itself derived: pure per-step Python time at static shapes
             patches["size_asserts"] = False
+        # A kernel with less than 4096 elements of work per thread runs on one thread (Inductor's
+        # default threshold, 512, made the batch-1 SwiGLU product, 1536 elements, an OpenMP region of
+        # its own in every layer: a fork/join per layer for ~1 us of work, and a stall whenever the
+        # other core is busy). Batched steps and the argmax over the vocabulary stay parallel.
+        patches.setdefault("cpp.min_chunk_size", 4096)
         # Both on-disk caches (AOTAutograd's, keyed on the graph before decomposition, and Inductor's
         # FX graph cache) key on Inductor's config: the key pass puts this backend's settings there,
         # so neither hands back the stock (BLAS) build of the same graph, nor that of another max_rows.
