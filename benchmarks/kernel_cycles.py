@@ -76,7 +76,8 @@ def measure(threads: int, repeats: int, isa: str) -> list[dict]:
         p = make_weight(n, k, bits, gen)
         x = torch.randn(1, k, generator=gen)
         for int8_act in (False, True):
-            s = time_call(lambda: op(x, p.qweight, p.scales, p.mins, bits, 32, p.n, int8_act), 0.2, repeats)
+            s = time_call(lambda x=x, p=p, b=bits, a=int8_act: op(x, p.qweight, p.scales, p.mins, b, 32, p.n, a),
+                          0.2, repeats)
             rows.append({"isa": native.isa(), "n": n, "k": k, "bits": bits, "mode": "int8-act" if int8_act else "exact",
                          "us": round(s * 1e6, 2), "gweights_per_s": round(n * k / s / 1e9, 2),
                          "cycles_per_16_weights": round(s * mhz * 1e6 * threads / (n * k / 16), 3)})

@@ -9,8 +9,8 @@ tokens / request time, TTFT included) and TTFT p50/p99. The compiled server star
 `--warmup all`; its start-up seconds (the cold compile, or loading from fmstack's compile cache)
 are recorded. llama-server runs only with `--llama-server PATH` (same GGUF, `-np` = the largest
 level, `--threads` threads); build it as the README says, outside the repository.
-`--bare-step` adds `fmstack bench --batch-sizes 16` (the batched decode step without a server: the
-ceiling of the 16-client figure). Writes benchmarks/results/serve_load_cpu.json with the load
+`--bare-step` adds `fmstack bench --batch-sizes 1,16` (the decode step without a server, batch 1: what
+`fmstack generate` decodes at, one client's ceiling; batch 16: the 16-client figure's ceiling). Writes benchmarks/results/serve_load_cpu.json with the load
 average at start and end: on a shared machine every figure is an upper bound on the time taken.
 
     python -m benchmarks.serve_load [--modes eager compiled] [--llama-server /tmp/llama-server] [--bare-step]
@@ -101,16 +101,21 @@ def measure(name: str, cmd: list[str], args) -> dict:
 
 
 def bare_step(args) -> dict:
-    """`fmstack bench --batch-sizes 16 --compile`: the batched decode step alone, its tok/s."""
+    """`fmstack bench --batch-sizes 1,N --compile` in the same run: the decode step alone at batch 1 (what
+    `fmstack generate` decodes at: one client's ceiling) and at the largest level (N clients' ceiling)."""
     n = max(args.clients)
-    cmd = [sys.executable, "-m", "fmstack", "bench", "--model", args.model, "--compile", "--batch-sizes", str(n),
-           "--new-tokens", str(args.max_tokens), "--repeats", "2"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    print(f"bare step: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    return {"command": cmd, "returncode": out.returncode, "stdout": out.stdout[-4000:],
-            "decode_tok_s": [float(x) for x in re.findall(r"([\d.]+)\s*tok/s", out.stdout)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "fmstack", "bench", "--model", args.model, "--compile", "--batch-sizes",
+               f"1,{n}" if n > 1 else "1", "--new-tokens", str(args.max_tokens), "--repeats", "3", "--out", str(path)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"bare step: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        results = json.loads(path.read_text())["results"] if out.returncode == 0 else []
+    return {"command": cmd, "returncode": out.returncode, "stderr": out.stderr[-2000:],
+            "decode_tok_s": {str(r["batch_size"]): r["decode_tok_s"]["median"] for r in results},
+            "ms_per_step": {str(r["batch_size"]): r["ms_per_step"]["median"] for r in results}}
 
 
 def main() -> None:
