@@ -96,7 +96,7 @@ def main() -> None:
 
     rows = [r for isa in args.isas.split(",") for r in measure(args.threads, args.repeats, isa)]
     root = Path(native.__file__).resolve().parents[2]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                             text=True).stdout.strip()
     run = {"label": args.label, "commit": commit, "library": str(root),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
