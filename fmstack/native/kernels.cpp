@@ -345,21 +345,21 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight, const at
     return out;
   }
   if (int8_act) run_quantize(isa, a.x, M * nb, block, q.data(), s.data(), xsum.data(), nullptr);
-  std::vector<float> xs;
+  std::vector<float> xs;  // the exact mode: sum(x) per block (the mins' factor) ...
   std::vector<int32_t> qsum;
-  if (!int8_act) {  // sums of x per block: the float path's mins term
+  if (!int8_act) {
     xs.resize(M * nb);
     a.xs = xs.data();
-  }
 #if FM_X86
-  if (!int8_act && isa != kScalar) {  // x as exact int8 digits, then the integer kernels
-    q.resize(M * kDigits * K), s.resize(M * kDigits * nb), qsum.resize(M * kDigits * nb);
-    avx2::split3(a.x, M, K, block, q.data(), s.data(), qsum.data(), xs.data());
-    a.qx = q.data(), a.sx = s.data(), a.qsum = qsum.data();
-  }
+    if (isa != kScalar) {  // ... and on x86 x as exact int8 digits for the integer kernels
+      q.resize(M * kDigits * K), s.resize(M * kDigits * nb), qsum.resize(M * kDigits * nb);
+      avx2::split3(a.x, M, K, block, q.data(), s.data(), qsum.data(), xs.data());
+      a.qx = q.data(), a.sx = s.data(), a.qsum = qsum.data();
+    }
 #endif
-  if (!int8_act && !a.qsum)
-    for (int64_t i = 0; i < M * nb; ++i) xs[i] = std::accumulate(a.x + i * block, a.x + (i + 1) * block, 0.f);
+    if (!a.qsum)
+      for (int64_t i = 0; i < M * nb; ++i) xs[i] = std::accumulate(a.x + i * block, a.x + (i + 1) * block, 0.f);
+  }
   // a few groups per task: one group of a 576-wide Q4_1 matrix is 5.8 KB, too little to hand a thread alone
   at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) { run_gemv(isa, a, g0, g1); });
   return out;
