@@ -144,64 +144,34 @@ static void dequant_group_t(const Args& a, int64_t g, const float* d, const floa
   }
 }
 
-// ---- integer path: x quantized to int8 per block, integer dot products ----
+// ---- integer path: x as P int8 digits per value, integer dot products ----
+// P = 1: the int8 mode (x quantized per block, `quantize`), the zero point of 8-bit weights folded into
+// the mins and the mins' factor sx * sum(q) (xsum). P = kDigits: the exact mode (`split3`): each digit's
+// integer sums are exact; 128 x the digit's block sum is taken off in int32 (8-bit weights stored + 128)
+// before anything is rounded; the digits meet at their scales in float, the mins' factor is the float
+// sum of x (xs).
+
+#ifdef FM_DPBUSD
+constexpr bool kZeroPointI8 = true;  // dot products of the stored (+ 128) bytes
+#else
+constexpr bool kZeroPointI8 = false;  // AVX2 makes the 8-bit values signed before the dot product
+#endif
 
 #ifdef FM_ZMM
 // Rows m0..m0+MR of x against the 16 rows of group g, 512-bit VNNI; acc lane r = output row 16 g + r.
-// A independent integer sums per row of x (4 for one row: a single chain of dependent `vpdpbusd`s waits
-// 5 cycles each and made the kernel latency-bound, 12 GB/s on one core in cache), added per block.
-template <int BITS, int BLOCK, int MR>
-static void group_i8(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, __m512* acc) {
+// A independent integer sums per row of x and digit (4 for one row: a single chain of dependent
+// `vpdpbusd`s waits 5 cycles each and made the kernel latency-bound, 12 GB/s on one core in cache).
+template <int BITS, int BLOCK, int MR, int P>
+static void group_dot(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, __m512* acc) {
   constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
   const __m512i nib = _mm512_set1_epi8(0x0F);
   __m512 acc_min[MR];
   for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
-    __m512i dot[MR][A];
+    __m512i dot[MR][P][A];
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < A; ++i) dot[m][i] = _mm512_setzero_si512();
-    for (int c = 0; c < CH; ++c) {
-      const __m512i v = _mm512_loadu_si512(wq + 64 * c);
-      prefetch(wq + 64 * c);
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* xb = a.qx + (m0 + m) * a.K + b * BLOCK + 4 * c;
-        if (BITS == 4) {
-          __m512i& lo = dot[m][(2 * c) % A];
-          __m512i& hi = dot[m][(2 * c + 1) % A];
-          lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, nib), _mm512_set1_epi32(load_i32(xb)));
-          hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_set1_epi32(load_i32(xb + 16)));
-        } else {
-          dot[m][c % A] = _mm512_dpbusd_epi32(dot[m][c % A], v, _mm512_set1_epi32(load_i32(xb)));
-        }
-      }
-    }
-    const __m512 dv = _mm512_loadu_ps(d + b * kRows), mv = _mm512_loadu_ps(mn + b * kRows);
-    for (int m = 0; m < MR; ++m) {
-      __m512i sum = dot[m][0];
-      for (int i = 1; i < A; ++i) sum = _mm512_add_epi32(sum, dot[m][i]);
-      const int64_t xb = (m0 + m) * a.nb + b;
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(a.sx[xb])), acc[m]);
-      acc_min[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.xsum[xb]), acc_min[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_ps(acc[m], acc_min[m]);
-}
-
-// The exact mode on VNNI: group_i8 with x as its three int8 digits (split3). Each digit's integer sums
-// are exact; 8-bit weights are stored + 128, so 128 * (the digit's block sum) is taken off in int32
-// before anything is rounded; the digits meet at s1, s2, s3 in float, then d and the mins as usual.
-template <int BITS, int BLOCK, int MR>
-static void group_x3(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn, __m512* acc) {
-  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512 acc_min[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB;
-    __m512i dot[MR][kDigits][A];
-    for (int m = 0; m < MR; ++m)
-      for (int p = 0; p < kDigits; ++p)
+      for (int p = 0; p < P; ++p)
         for (int i = 0; i < A; ++i) dot[m][p][i] = _mm512_setzero_si512();
     for (int c = 0; c < CH; ++c) {
       const __m512i v = _mm512_loadu_si512(wq + 64 * c);
@@ -209,8 +179,8 @@ static void group_x3(const Args& a, int64_t g, int64_t m0, const float* d, const
       const __m512i lo = BITS == 4 ? _mm512_and_si512(v, nib) : v;
       const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), nib) : v;
       for (int m = 0; m < MR; ++m)
-        for (int p = 0; p < kDigits; ++p) {
-          const int8_t* xb = a.qx + ((m0 + m) * kDigits + p) * a.K + b * BLOCK + 4 * c;
+        for (int p = 0; p < P; ++p) {
+          const int8_t* xb = a.qx + ((m0 + m) * P + p) * a.K + b * BLOCK + 4 * c;
           if (BITS == 4) {
             __m512i& dl = dot[m][p][(2 * c) % A];
             __m512i& dh = dot[m][p][(2 * c + 1) % A];
@@ -224,15 +194,16 @@ static void group_x3(const Args& a, int64_t g, int64_t m0, const float* d, const
     const __m512 dv = _mm512_loadu_ps(d + b * kRows), mv = _mm512_loadu_ps(mn + b * kRows);
     for (int m = 0; m < MR; ++m) {
       __m512 t = _mm512_setzero_ps();
-      for (int p = 0; p < kDigits; ++p) {
-        const int64_t o = ((m0 + m) * kDigits + p) * a.nb + b;
+      for (int p = 0; p < P; ++p) {
+        const int64_t o = ((m0 + m) * P + p) * a.nb + b;
         __m512i sum = dot[m][p][0];
         for (int i = 1; i < A; ++i) sum = _mm512_add_epi32(sum, dot[m][p][i]);
-        if (BITS == 8) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.qsum[o]));
+        if (P > 1 && BITS == 8) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.qsum[o]));
         t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.sx[o]), t);
       }
+      const int64_t xb = (m0 + m) * a.nb + b;
       acc[m] = _mm512_fmadd_ps(t, dv, acc[m]);
-      acc_min[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.xs[(m0 + m) * a.nb + b]), acc_min[m]);
+      acc_min[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(P > 1 ? a.xs[xb] : a.xsum[xb]), acc_min[m]);
     }
   }
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_add_ps(acc[m], acc_min[m]);
@@ -248,73 +219,19 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 
 // Rows m0..m0+MR of x against 8 rows (half h) of group g with 256-bit vectors: acc lane r = row 16 g + 8 h + r.
 // Without VNNI, 8-bit values are made signed again and the sign moved onto x (`vpmaddubsw` would saturate
-// on 255 * 127 pairs); the zero point is then not in the mins (kZeroPointI8 below). A chains as in group_i8.
-template <int BITS, int BLOCK, int MR>
-static void half_i8(const Args& a, int64_t g, int h, int64_t m0, const float* d, const float* mn, __m256* acc) {
-  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 4 : 2;
+// on 255 * 127 pairs; a 4-bit value times a digit, summed in pairs, stays below int16's limit). A chains
+// as in group_dot, fewer with more digits (16 vector registers).
+template <int BITS, int BLOCK, int MR, int P>
+static void half_dot(const Args& a, int64_t g, int h, int64_t m0, const float* d, const float* mn, __m256* acc) {
+  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = (MR == 1 ? 4 : 2) / (P == 1 ? 1 : 2);
   const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256 acc_min[MR];
   for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 32 * h;
-    __m256i dot[MR][A];
+    __m256i dot[MR][P][A];
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < A; ++i) dot[m][i] = _mm256_setzero_si256();
-    for (int c = 0; c < CH; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 64 * c));
-      if (h == 0) prefetch(wq + 64 * c);
-#ifndef FM_DPBUSD
-      const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))), wu = _mm256_abs_epi8(ws);
-#endif
-      for (int m = 0; m < MR; ++m) {
-        const int8_t* xb = a.qx + (m0 + m) * a.K + b * BLOCK + 4 * c;
-        if (BITS == 4) {
-          __m256i& lo = dot[m][(2 * c) % A];
-          __m256i& hi = dot[m][(2 * c + 1) % A];
-          lo = dot_u8s8(lo, _mm256_and_si256(v, nib), _mm256_set1_epi32(load_i32(xb)));
-          hi = dot_u8s8(hi, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), _mm256_set1_epi32(load_i32(xb + 16)));
-        } else {
-#ifdef FM_DPBUSD
-          dot[m][c % A] = dot_u8s8(dot[m][c % A], v, _mm256_set1_epi32(load_i32(xb)));
-#else
-          dot[m][c % A] = dot_u8s8(dot[m][c % A], wu, _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb)), ws));
-#endif
-        }
-      }
-    }
-    const __m256 dv = _mm256_loadu_ps(d + b * kRows + 8 * h), mv = _mm256_loadu_ps(mn + b * kRows + 8 * h);
-    for (int m = 0; m < MR; ++m) {
-      __m256i sum = dot[m][0];
-      for (int i = 1; i < A; ++i) sum = _mm256_add_epi32(sum, dot[m][i]);
-      const int64_t xb = (m0 + m) * a.nb + b;
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dv, _mm256_set1_ps(a.sx[xb])), acc[m]);
-      acc_min[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.xsum[xb]), acc_min[m]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_ps(acc[m], acc_min[m]);
-}
-#endif
-
-#ifdef FM_DPBUSD
-constexpr bool kZeroPointI8 = true;  // dot products of the stored (+ 128) bytes: the mins carry -128 d
-#else
-constexpr bool kZeroPointI8 = false;  // AVX2 makes the 8-bit values signed before the dot product
-#endif
-#ifndef FM_ZMM
-// The exact mode with 256-bit vectors: half_i8 with x as its three int8 digits (split3), as group_x3.
-// Without VNNI the 8-bit values are made signed (no zero point); with it (stored + 128) 128 x the
-// digit's block sum is taken off in int32.
-template <int BITS, int BLOCK, int MR>
-static void half_x3(const Args& a, int64_t g, int h, int64_t m0, const float* d, const float* mn, __m256* acc) {
-  constexpr int QB = BLOCK * BITS / 8, CH = QB / 4, A = MR == 1 ? 2 : 1;
-  const __m256i nib = _mm256_set1_epi8(0x0F);
-  __m256 acc_min[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = acc_min[m] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wq = a.w + (g * a.nb + b) * kRows * QB + 32 * h;
-    __m256i dot[MR][kDigits][A];
-    for (int m = 0; m < MR; ++m)
-      for (int p = 0; p < kDigits; ++p)
+      for (int p = 0; p < P; ++p)
         for (int i = 0; i < A; ++i) dot[m][p][i] = _mm256_setzero_si256();
     for (int c = 0; c < CH; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 64 * c));
@@ -323,8 +240,8 @@ static void half_x3(const Args& a, int64_t g, int h, int64_t m0, const float* d,
       const __m256i ws = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))), wu = _mm256_abs_epi8(ws);
 #endif
       for (int m = 0; m < MR; ++m)
-        for (int p = 0; p < kDigits; ++p) {
-          const int8_t* xb = a.qx + ((m0 + m) * kDigits + p) * a.K + b * BLOCK + 4 * c;
+        for (int p = 0; p < P; ++p) {
+          const int8_t* xb = a.qx + ((m0 + m) * P + p) * a.K + b * BLOCK + 4 * c;
           if (BITS == 4) {
             __m256i& dl = dot[m][p][(2 * c) % A];
             __m256i& dh = dot[m][p][(2 * c + 1) % A];
@@ -342,15 +259,16 @@ static void half_x3(const Args& a, int64_t g, int h, int64_t m0, const float* d,
     const __m256 dv = _mm256_loadu_ps(d + b * kRows + 8 * h), mv = _mm256_loadu_ps(mn + b * kRows + 8 * h);
     for (int m = 0; m < MR; ++m) {
       __m256 t = _mm256_setzero_ps();
-      for (int p = 0; p < kDigits; ++p) {
-        const int64_t o = ((m0 + m) * kDigits + p) * a.nb + b;
+      for (int p = 0; p < P; ++p) {
+        const int64_t o = ((m0 + m) * P + p) * a.nb + b;
         __m256i sum = dot[m][p][0];
         for (int i = 1; i < A; ++i) sum = _mm256_add_epi32(sum, dot[m][p][i]);
-        if (BITS == 8 && kZeroPointI8) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * a.qsum[o]));
+        if (P > 1 && BITS == 8 && kZeroPointI8) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * a.qsum[o]));
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(a.sx[o]), t);
       }
+      const int64_t xb = (m0 + m) * a.nb + b;
       acc[m] = _mm256_fmadd_ps(t, dv, acc[m]);
-      acc_min[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.xs[(m0 + m) * a.nb + b]), acc_min[m]);
+      acc_min[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(P > 1 ? a.xs[xb] : a.xsum[xb]), acc_min[m]);
     }
   }
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_add_ps(acc[m], acc_min[m]);
@@ -364,12 +282,12 @@ static inline void store_rows(const Args& a, int64_t g, int64_t m, const float* 
   std::memcpy(a.out + m * a.N + n0, v, n * sizeof(float));
 }
 
-template <int BITS, int BLOCK, int MR>
-static void tile_i8(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
+template <int BITS, int BLOCK, int MR, int P>
+static void tile(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
 #ifdef FM_ZMM
   alignas(64) float v[kRows];
   __m512 acc[MR];
-  group_i8<BITS, BLOCK, MR>(a, g, m0, d, mn, acc);
+  group_dot<BITS, BLOCK, MR, P>(a, g, m0, d, mn, acc);
   for (int m = 0; m < MR; ++m) {
     _mm512_store_ps(v, acc[m]);
     store_rows(a, g, m0 + m, v);
@@ -378,28 +296,7 @@ static void tile_i8(const Args& a, int64_t g, int64_t m0, const float* d, const 
   float res[MR][kRows];
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MR];
-    half_i8<BITS, BLOCK, MR>(a, g, h, m0, d, mn, acc);
-    for (int m = 0; m < MR; ++m) _mm256_storeu_ps(res[m] + 8 * h, acc[m]);
-  }
-  for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
-#endif
-}
-
-template <int BITS, int BLOCK, int MR>
-static void tile_x3(const Args& a, int64_t g, int64_t m0, const float* d, const float* mn) {
-#ifdef FM_ZMM
-  alignas(64) float v[kRows];
-  __m512 acc[MR];
-  group_x3<BITS, BLOCK, MR>(a, g, m0, d, mn, acc);
-  for (int m = 0; m < MR; ++m) {
-    _mm512_store_ps(v, acc[m]);
-    store_rows(a, g, m0 + m, v);
-  }
-#else
-  float res[MR][kRows];
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[MR];
-    half_x3<BITS, BLOCK, MR>(a, g, h, m0, d, mn, acc);
+    half_dot<BITS, BLOCK, MR, P>(a, g, h, m0, d, mn, acc);
     for (int m = 0; m < MR; ++m) _mm256_storeu_ps(res[m] + 8 * h, acc[m]);
   }
   for (int m = 0; m < MR; ++m) store_rows(a, g, m0 + m, res[m]);
@@ -414,11 +311,11 @@ static void gemv_t(const Args& a, int64_t g0, int64_t g1) {
     group_scales(a, g, BITS == 8 && !a.qsum && kZeroPointI8, d, mn);
     int64_t m = 0;
     if (a.qsum) {  // the exact mode as digits (split3); the zero point is taken off in the kernel
-      for (; m + 2 <= a.M; m += 2) tile_x3<BITS, BLOCK, 2>(a, g, m, d, mn);
-      for (; m < a.M; ++m) tile_x3<BITS, BLOCK, 1>(a, g, m, d, mn);
+      for (; m + 2 <= a.M; m += 2) tile<BITS, BLOCK, 2, kDigits>(a, g, m, d, mn);
+      for (; m < a.M; ++m) tile<BITS, BLOCK, 1, kDigits>(a, g, m, d, mn);
     } else {
-      for (; m + 4 <= a.M; m += 4) tile_i8<BITS, BLOCK, 4>(a, g, m, d, mn);
-      for (; m < a.M; ++m) tile_i8<BITS, BLOCK, 1>(a, g, m, d, mn);
+      for (; m + 4 <= a.M; m += 4) tile<BITS, BLOCK, 4, 1>(a, g, m, d, mn);
+      for (; m < a.M; ++m) tile<BITS, BLOCK, 1, 1>(a, g, m, d, mn);
     }
   }
 }
