@@ -303,7 +303,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 void tiled_mm(Isa isa, const Args& a, const at::Tensor& xf) {
   // ~1 MB of dequantized rows per tile (in L2): each tile re-reads x, so narrow tiles made a long
   // prefill read x once per 64 rows (the 49152-row head of SmolLM2 at 1024 tokens, one thread: 797 ms
-  // with 64-row tiles, 508 ms with 1 MB tiles (448 rows), 475-500 ms for BLAS on the fp32 weight)
+  // with 64-row tiles, 508 ms with 1 MB tiles (448 rows), 475-500 ms for BLAS on the fp32 weight;
+  // a timing loop during development, not a kept benchmark)
   const int64_t tile_groups = std::max<int64_t>(4, kTileBytes / (kRows * a.K * (int64_t)sizeof(float)));
   const int64_t tiles = (a.G + tile_groups - 1) / tile_groups;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
