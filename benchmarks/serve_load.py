@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def bare_step(args) -> dict:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         print(f"bare step: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
         results = json.loads(path.read_text())["results"] if out.returncode == 0 else []
     return {"command": cmd, "returncode": out.returncode, "stderr": out.stderr[-2000:],
             "decode_tok_s": {str(r["batch_size"]): r["decode_tok_s"]["median"] for r in results},
