@@ -5,7 +5,8 @@ Run by path (`python fmstack/bench/peer_command.py hf|llamacpp ...`), so the pro
 fmstack nor anything the script does not use: what it costs is what a user of that library waits for.
 Both decode greedily with a plain loop, token by token (HF: DynamicCache, logits of the last position
 only, argmax; llama.cpp: its own sampler at top_k=1), stop at the end-of-sequence token unless
---ignore-eos, detokenize and print the text. One JSON line goes to --events: the wall-clock time the
+--ignore-eos and detokenize the text (`run` returns it; the parent reads only the events line, so
+nothing is printed). One JSON line goes to --events: the wall-clock time the
 first token was ready (`time.time()`, the clock the parent stamped the process start with), load,
 prefill and decode seconds, tokens generated.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -114,4 +114,4 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(run()["text"] + "\n")  # the generated text, as `fmstack generate` writes it
+    run()
