@@ -218,7 +218,7 @@ class LoggedCompile:
             return None
         t0 = time.perf_counter()
         try:
-            entry = load(data, self.fn, self.frozen_attribute, meta.get("isa") or [], meta.get("dynamic") or {})
+            entry = load(data, self.fn, self.frozen_attribute, meta.get("dynamic") or {})
         except Exception as e:  # noqa: BLE001 - whatever an unreadable entry raises, it is rebuilt
             self.store.discard(self.what, label, f"{type(e).__name__}: {e}")
             return None

@@ -144,17 +144,6 @@ def fits_this_cpu(recorded: Sequence[str]) -> bool:
     return list(recorded) == cpu_vec_isas()
 
 
-def _trust_vec_isa_probe(recorded: Sequence[str]) -> None:
-    """Skip Inductor's ISA probe where it is still to run and would check exactly the ISAs that the
-    saving process found valid (`fits_this_cpu`): Inductor's verdict for this process is then computed
-    with `cpp.vec_isa_ok` (no test builds) and cached as usual."""
-    isa = symbol("inductor.cpu_vec_isa")
-    if isa.valid_vec_isa_list.cache_info().currsize or not recorded or not fits_this_cpu(recorded):
-        return
-    with symbol("inductor.config").patch({"cpp.vec_isa_ok": True}):
-        isa.valid_vec_isa_list()
-
-
 def dynamic_dims(fn: Callable, args: Sequence[Any]) -> dict[str, list[int]]:
     """The dimensions of `fn`'s tensor arguments that the caller marked dynamic (`mark_dynamic`), by
     parameter name: recorded with an entry, because Dynamo's saved guards lose the marks (see `load`)."""
@@ -257,13 +246,10 @@ def aot_compile(compiled: Callable, fn: Callable, args: tuple, attempts: int = 3
     raise AssertionError("unreachable")
 
 
-def load(data: bytes, fn: Callable, frozen_attribute: str | None, isa: Sequence[str],
-         dynamic: dict[str, list[int]]) -> Precompiled:
-    """The entry saved as `data` for `fn` (raises on any unreadable entry); `isa` and `dynamic` as
-    recorded when it was saved (`vec_isa_probe`, `dynamic_dims`)."""
-    if not vec_isa.has_record():
-        _trust_vec_isa_probe(isa)
-    vec_isa.settle()  # replayed from this machine's record; after the trust above: Inductor's verdict as is
+def load(data: bytes, fn: Callable, frozen_attribute: str | None, dynamic: dict[str, list[int]]) -> Precompiled:
+    """The entry saved as `data` for `fn` (raises on any unreadable entry); `dynamic` as recorded when
+    it was saved (`dynamic_dims`). The caller checked the entry's ISAs first (`fits_this_cpu`)."""
+    vec_isa.settle()  # Inductor's verdict replayed from this machine's record (the saving process wrote it)
     kernel_batch.install()  # the saving process built the kernels together: the same libraries are found
     with _loadable_guards(_frozen_prefixes(frozen_attribute), dynamic):
         loaded = torch.compiler.load_compiled_function(io.BytesIO(data))

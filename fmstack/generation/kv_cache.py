@@ -25,7 +25,7 @@ from fmstack.models.llama import causal_window_mask, sdpa
 # Query tokens up to which a CPU step attends with fmstack's native kernel (decode, speculative
 # verification) instead of SDPA: it reads only the visible keys, where SDPA's CPU kernel takes the
 # whole allocation. SmolLM2-135M, one decode token over a 256-slot cache with 192 filled, one layer:
-# 17.5 us against 37.4 us (1 thread, eager; benchmarks/results/decode_attention_cpu.json).
+# 16.5 us against 38.4 us (1 thread, eager; benchmarks/results/decode_attention_cpu.json).
 NATIVE_ATTENTION_MAX_TOKENS = 16
 
 

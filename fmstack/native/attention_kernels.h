@@ -17,6 +17,18 @@ static inline VF vf_max(VF a, VF b) { return _mm512_max_ps(a, b); }
 static inline float vf_sum(VF v) { return _mm512_reduce_add_ps(v); }
 static inline VF vf_round(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline VF vf_pow2(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+static inline VF vf_unpacklo(VF a, VF b) { return _mm512_unpacklo_ps(a, b); }  // per 128 bits: a0 b0 a1 b1
+static inline VF vf_unpackhi(VF a, VF b) { return _mm512_unpackhi_ps(a, b); }  // a2 b2 a3 b3
+static inline VF vf_pairlo(VF a, VF b) {  // per 128 bits: a's low 64-bit half, then b's
+  return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+static inline VF vf_pairhi(VF a, VF b) {
+  return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+static inline __m128 vf_lanes_to_128(VF z) {  // the sum of the four 128-bit lanes
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 #else
 using VF = __m256;
 constexpr int kLanes = 8;
@@ -35,6 +47,11 @@ static inline VF vf_pow2(VF p, VF n) {  // p * 2^n for integral n in [-126, 127]
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
+static inline VF vf_unpacklo(VF a, VF b) { return _mm256_unpacklo_ps(a, b); }
+static inline VF vf_unpackhi(VF a, VF b) { return _mm256_unpackhi_ps(a, b); }
+static inline VF vf_pairlo(VF a, VF b) { return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))); }
+static inline VF vf_pairhi(VF a, VF b) { return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))); }
+static inline __m128 vf_lanes_to_128(VF z) { return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1)); }
 #endif
 
 // exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e) = 2^n * 2^f, |f| <= 1/2, 2^f by its
@@ -63,40 +80,13 @@ static inline void exp_shifted(float* sc, int64_t S, float mx) {
   for (; s < S; ++s) sc[s] = std::exp(sc[s] - mx);
 }
 
-#ifdef FM_ZMM
-static inline __m128 lanes_to_128(VF z) {  // the sum of the four 128-bit lanes
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-#define FM_UNPACKLO_PS _mm512_unpacklo_ps
-#define FM_UNPACKHI_PS _mm512_unpackhi_ps
-#define FM_PD(x) _mm512_castps_pd(x)
-#define FM_PS(x) _mm512_castpd_ps(x)
-#define FM_UNPACKLO_PD _mm512_unpacklo_pd
-#define FM_UNPACKHI_PD _mm512_unpackhi_pd
-#else
-static inline __m128 lanes_to_128(VF z) { return _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1)); }
-#define FM_UNPACKLO_PS _mm256_unpacklo_ps
-#define FM_UNPACKHI_PS _mm256_unpackhi_ps
-#define FM_PD(x) _mm256_castps_pd(x)
-#define FM_PS(x) _mm256_castpd_ps(x)
-#define FM_UNPACKLO_PD _mm256_unpacklo_pd
-#define FM_UNPACKHI_PD _mm256_unpackhi_pd
-#endif
-
 // The horizontal sums of a, b, c, d in one vector [sum a, sum b, sum c, sum d]: 4 keys' scores with
 // about a third of the shuffles of four separate reductions.
 static inline __m128 sum4(VF a, VF b, VF c, VF d) {
-  const VF x = vf_add(FM_UNPACKLO_PS(a, b), FM_UNPACKHI_PS(a, b));  // per 128 bits: a02 b02 a13 b13
-  const VF y = vf_add(FM_UNPACKLO_PS(c, d), FM_UNPACKHI_PS(c, d));
-  return lanes_to_128(vf_add(FM_PS(FM_UNPACKLO_PD(FM_PD(x), FM_PD(y))), FM_PS(FM_UNPACKHI_PD(FM_PD(x), FM_PD(y)))));
+  const VF x = vf_add(vf_unpacklo(a, b), vf_unpackhi(a, b));  // per 128 bits: a02 b02 a13 b13
+  const VF y = vf_add(vf_unpacklo(c, d), vf_unpackhi(c, d));
+  return vf_lanes_to_128(vf_add(vf_pairlo(x, y), vf_pairhi(x, y)));
 }
-#undef FM_UNPACKLO_PS
-#undef FM_UNPACKHI_PS
-#undef FM_PD
-#undef FM_PS
-#undef FM_UNPACKLO_PD
-#undef FM_UNPACKHI_PD
 
 template <int NV>
 static inline VF key_dot(const VF* qv, const float* kr) {
