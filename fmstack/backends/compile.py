@@ -142,6 +142,18 @@ class LoggedCompile:
                 return entry(*args)
         return self._compile(key, args)
 
+    def stored(self, *args: Any) -> bool:
+        """Whether the store holds this step for `args` (a call with them loads it instead of compiling)."""
+        if self.store is None:
+            return False
+        key = self.key(args)
+        return self.store.has(self.what, self._label(key, args) if self.precompile else key)
+
+    def _label(self, key: tuple[str, ...], args: tuple) -> tuple[str, ...]:
+        """The store's label of a whole saved step: its key and a digest of what its guards check."""
+        state = repr((variant(args), compile_settings(self.kwargs), global_state(), owner_state(self.fn)))
+        return ("precompiled", *key, "variant " + hashlib.sha256(state.encode()).hexdigest()[:12])
+
     def _compile(self, key: tuple[str, ...], args: tuple) -> Any:
         """The Dynamo path: log, load the caches' artifacts, compile, save them (first call per key)."""
         if key in self._seen:
@@ -168,8 +180,7 @@ class LoggedCompile:
     def _precompiled(self, key: tuple[str, ...], args: tuple) -> Precompiled | None:
         """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
         (precompile off from now on, one warning) where this step cannot be compiled so."""
-        state = repr((variant(args), compile_settings(self.kwargs), global_state(), owner_state(self.fn)))
-        label = ("precompiled", *key, "variant " + hashlib.sha256(state.encode()).hexdigest()[:12])
+        label = self._label(key, args)
         entry = self._load_entry(key, label, args)
         if entry is not None:
             return entry

@@ -144,16 +144,58 @@ def fits_this_cpu(recorded: Sequence[str]) -> bool:
     return list(recorded) == cpu_vec_isas()
 
 
-def dynamic_dims(fn: Callable, args: Sequence[Any]) -> dict[str, list[int]]:
-    """The dimensions of `fn`'s tensor arguments that the caller marked dynamic (`mark_dynamic`), by
-    parameter name: recorded with an entry, because Dynamo's saved guards lose the marks (see `load`)."""
-    names = list(inspect.signature(fn).parameters)
-    return {name: sorted(a._dynamo_dynamic_indices) for name, a in zip(names, args)
-            if isinstance(a, Tensor) and getattr(a, "_dynamo_dynamic_indices", None)}
+# the dimension marks Dynamo guards on (`mark_dynamic`, `maybe_mark_dynamic`, ...), as tensor attributes
+DIM_MARKS = ("_dynamo_dynamic_indices", "_dynamo_weak_dynamic_indices", "_dynamo_unbacked_indices",
+             "_dynamo_strict_unbacked_indices", "_dynamo_static_indices")
+
+
+def dynamic_dims(fn: Callable, args: Sequence[Any]) -> dict[str, dict[str, list[int]]]:
+    """The dimension marks (`DIM_MARKS`: `mark_dynamic`, `maybe_mark_dynamic`, ...) on `fn`'s tensor
+    arguments and on the tensors they hold (a module's plain tensor attributes and submodules,
+    dataclass fields, tuples), by path ("tokens", "cache.slots.kv_slots",
+    "cache.slots.meta.groups.0.q_index"): recorded with an entry, because Dynamo's saved guards lose
+    them (see `load`)."""
+    found: dict[str, dict[str, list[int]]] = {}
+    seen: set[int] = set()
+    for name, a in zip(inspect.signature(fn).parameters, args):
+        _find_marks(a, name, found, seen)
+    return found
+
+
+def _find_marks(value: Any, path: str, found: dict, seen: set[int], depth: int = 0) -> None:
+    if id(value) in seen or depth > 8:
+        return
+    seen.add(id(value))
+    if isinstance(value, Tensor):
+        marks = {attr: sorted(getattr(value, attr)) for attr in DIM_MARKS if hasattr(value, attr)}
+        if marks:
+            found[path] = marks
+        return
+    if isinstance(value, nn.Module):  # buffers and parameters are left out: Dynamo keeps their shapes static
+        children = [*value._modules.items(), *((k, v) for k, v in vars(value).items() if not k.startswith("_"))]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, (tuple, list)):
+        children = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return
+    for key, child in children:
+        _find_marks(child, f"{path}.{key}", found, seen, depth + 1)
+
+
+def _resolve(scope: dict[str, Any], path: str) -> Any:
+    """The value at `path` (a `dynamic_dims` path) in a saved entry's local scope; None where absent."""
+    name, *rest = path.split(".")
+    value = scope.get(name)
+    for key in rest:
+        value = value[int(key)] if isinstance(value, (tuple, list)) else getattr(value, key, None)
+        if value is None:
+            return None
+    return value
 
 
 @contextlib.contextmanager
-def _loadable_guards(prefixes: tuple[str, ...], dynamic: dict[str, list[int]]) -> Iterator[None]:
+def _loadable_guards(prefixes: tuple[str, ...], dynamic: dict[str, dict[str, list[int]]]) -> Iterator[None]:
     """While loading, the saved guards as Dynamo's loader reads them (`package.load_guards_state`)
     with two repairs: no key-order guards on the frozen model (see the module docstring), and the
     dynamic-dimension marks back on the saved arguments (torch 2.13 saves a tensor argument as a meta
@@ -165,10 +207,11 @@ def _loadable_guards(prefixes: tuple[str, ...], dynamic: dict[str, list[int]]) -
         state = original(data)
         graph = state.output_graph
         kept = type(graph.guard_on_key_order)(s for s in graph.guard_on_key_order if not s.name.startswith(prefixes))
-        for name, dims in dynamic.items():
-            value = graph.local_scope.get(name)
+        for path, marks in dynamic.items():
+            value = _resolve(graph.local_scope, path)
             if isinstance(value, Tensor):
-                value._dynamo_dynamic_indices = set(dims)
+                for attr, dims in marks.items():
+                    setattr(value, attr, set(dims))
         state.output_graph = dataclasses.replace(graph, guard_on_key_order=kept)
         return state
 
@@ -246,7 +289,7 @@ def aot_compile(compiled: Callable, fn: Callable, args: tuple, attempts: int = 3
     raise AssertionError("unreachable")
 
 
-def load(data: bytes, fn: Callable, frozen_attribute: str | None, dynamic: dict[str, list[int]]) -> Precompiled:
+def load(data: bytes, fn: Callable, frozen_attribute: str | None, dynamic: dict[str, dict[str, list[int]]]) -> Precompiled:
     """The entry saved as `data` for `fn` (raises on any unreadable entry); `dynamic` as recorded when
     it was saved (`dynamic_dims`). The caller checked the entry's ISAs first (`fits_this_cpu`)."""
     vec_isa.settle()  # Inductor's verdict replayed from this machine's record (the saving process wrote it)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fmstack.backends import maybe_mark_dynamic
 from fmstack.config import ModelConfig
@@ -181,33 +181,116 @@ def build_group(chunks: Sequence[tuple[int, int, int, Sequence[int]]], block_siz
     return AttnGroup(q_index.to(device), q_pos.to(device), kv_slots.to(device))
 
 
-@dataclass
-class DecodeMeta:
-    """A pure-decode step's paged-attention inputs for B rows (padding included): slot_mapping `[B]`
-    (the cache slot of each row's new token), kv_slots `[B, L]` (the cache slot of each key position;
-    null-block slots past a row's table)."""
-
-    slot_mapping: Tensor
-    kv_slots: Tensor
-
-
 def build_decode(rows: Sequence[tuple[int, Sequence[int]]], block_size: int, batch: int,
-                 device: torch.device | str = "cpu") -> DecodeMeta:
-    """rows: (position of the new token, block table) per real sequence -> a `DecodeMeta` of `batch`
-    rows (>= len(rows)). Padding rows write to and read from slot 0 of the null block only (their
-    position is 0, so slot 0 is the one key they see), which no real sequence ever reads."""
+                 device: torch.device | str = "cpu") -> Tensor:
+    """rows: (position of the new token, block table) per real sequence -> kv_slots `[batch, L]`: the
+    cache slot of each key position of each row (null-block slots past a row's table), `batch` rows
+    (>= len(rows)). Row r's new token goes to `kv_slots[r, position]` (`decode_slots`). Padding rows
+    (position 0, an all-null table) write to and read from slot 0 of the null block only, which no
+    real sequence ever reads."""
     if batch < len(rows):
         raise ValueError(f"build_decode: {len(rows)} rows do not fit a batch of {batch}")
     n_blocks = max(max((p // block_size + 1 for p, _ in rows), default=1), -(-2 // block_size))  # L >= 2: no 0/1
     tables = torch.full((batch, n_blocks), NULL_BLOCK, dtype=torch.long)
-    slots = torch.full((batch,), NULL_BLOCK * block_size, dtype=torch.long)
     for r, (pos, table) in enumerate(rows):
         used = min(len(table), n_blocks)
         tables[r, :used] = torch.as_tensor(table[:used], dtype=torch.long)
-        slots[r] = table[pos // block_size] * block_size + pos % block_size
     offsets = torch.arange(block_size, dtype=torch.long)
-    kv_slots = (tables[:, :, None] * block_size + offsets).reshape(batch, n_blocks * block_size)
-    return DecodeMeta(slots.to(device), kv_slots.to(device))
+    return (tables[:, :, None] * block_size + offsets).reshape(batch, n_blocks * block_size).to(device)
+
+
+def decode_slots(kv_slots: Tensor, positions: Tensor) -> Tensor:
+    """The cache slot `[B]` of each row's new token: its key slot at its own position (positions `[B, 1]`)."""
+    return kv_slots.gather(1, positions)[:, 0]
+
+
+def attend_paged_decode(k_cache: Tensor, v_cache: Tensor, kv_slots: Tensor, sliding_window: int | None,
+                        q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    """A pure-decode step on one layer: write each row's new K/V into its slot, gather the row's keys
+    and values through `kv_slots` `[B, L]` and attend under a position mask.
+    q `[B, H, 1, D]`, k/v `[B, Hkv, 1, D]`, positions `[B, 1]` -> `[B, H, 1, D]`."""
+    slots = decode_slots(kv_slots, positions)
+    k_cache.index_copy_(0, slots, k[:, :, 0].to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v[:, :, 0].to(v_cache.dtype))
+    kg = k_cache[kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+    vg = v_cache[kv_slots].transpose(1, 2).to(q.dtype)
+    key_pos = torch.arange(kv_slots.shape[1], device=q.device)
+    mask = causal_window_mask(key_pos[None, None, None, :], positions[:, None, :, None], sliding_window)  # [B,1,1,L]
+    return attend_visible(q, kg, vg, mask)  # on CPU: the native kernel, over the visible keys only
+
+
+def attend_paged(k_cache: Tensor, v_cache: Tensor, meta: StepMeta, sliding_window: int | None, q: Tensor,
+                 k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+    """A flattened step on one layer: write the new K/V into their slots, then gather-based SDPA per
+    group, outputs in flat token order. q `[1, H, T, D]`, k/v `[1, Hkv, T, D]` -> `[1, H, T, D]`."""
+    k_cache.index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1).to(v_cache.dtype))
+    qf = q[0]  # [H, T, D]
+    outs = []
+    for g in meta.groups:
+        S, Q = g.q_index.shape
+        qg = qf[:, g.q_index].transpose(0, 1)  # [S, H, Q, D]
+        kg = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
+        vg = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
+        key_pos = torch.arange(g.kv_slots.shape[1], device=q.device)
+        mask = causal_window_mask(key_pos[None, None, :], g.q_pos[:, :, None], sliding_window)[:, None]  # [S,1,Q,L]
+        og = sdpa(qg, kg, vg, mask=mask)  # [S, H, Q, D]
+        outs.append(og.transpose(1, 2).reshape(S * Q, og.shape[1], og.shape[3]))
+    flat = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sum S*Q, H, D]
+    return flat[meta.out_index].permute(1, 0, 2)[None]  # [1, H, T, D]
+
+
+class StepSlots(nn.Module):
+    """The running step's paged-attention inputs, shared by every layer's view and set before each step
+    (`PagedKVCache.set_decode` / `set_step`): `kv_slots` `[B, L]` of a decode step, `meta` (a
+    `StepMeta`) of a flattened one. Plain attributes, not buffers: Dynamo keeps buffer shapes static,
+    and these sizes change from step to step."""
+
+    def __init__(self, device: torch.device | str):
+        super().__init__()
+        self.kv_slots = torch.zeros(1, 2, dtype=torch.long, device=device)
+        self.meta: StepMeta | None = None
+
+
+class PagedLayer(nn.Module):
+    """One layer of a `PagedKVCache` (`models.llama.LayerCache`): its k/v buffers (shared, not copied)
+    and the step's `StepSlots`. Every layer's view has the same structure, so the compile region over
+    the blocks (`models.llama.run_block`) traces and builds one block for all layers: SmolLM2-135M's
+    30 layers compile as one block (docs/compile.md)."""
+
+    def __init__(self, k: Tensor, v: Tensor, slots: StepSlots, sliding_window: int | None):
+        super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.slots = slots
+        self.sliding_window = sliding_window
+
+
+class PagedDecodeLayer(PagedLayer):
+    """A layer of a pure-decode step `[B, 1]`."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return attend_paged_decode(self.k, self.v, self.slots.kv_slots, self.sliding_window, q, k, v, positions)
+
+
+class PagedStepLayer(PagedLayer):
+    """A layer of a flattened step `[1, T]`."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return attend_paged(self.k, self.v, self.slots.meta, self.sliding_window, q, k, v, positions)
+
+
+class PagedViews:
+    """The model's `AttentionCache` for one kind of step: `layer_views` for the compile region; None
+    with a sliding window, where every layer is traced inline (as `StaticKVCache` does, for the same
+    torch 2.13 Dynamo failure)."""
+
+    def __init__(self, layers: tuple[PagedLayer, ...], sliding_window: int | None):
+        self.layers = layers
+        self.layer_views = layers if sliding_window is None else None
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return self.layers[layer].attend(q, k, v, positions)
 
 
 class PagedKVCache(LayerKVBuffers):
@@ -219,63 +302,22 @@ class PagedKVCache(LayerKVBuffers):
                          device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.sliding_window = config.sliding_window
+        self.slots = StepSlots(device)
+        # tuples of views, not submodules: the buffers are the cache's own
+        self.decoding, self.stepping = (
+            PagedViews(tuple(kind(*self.layer_kv(i), self.slots, self.sliding_window) for i in range(self.n_layers)),
+                       self.sliding_window) for kind in (PagedDecodeLayer, PagedStepLayer))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
 
-    def view(self, meta: StepMeta) -> "PagedAttention":
-        return PagedAttention(self, meta)
+    def set_step(self, meta: StepMeta) -> PagedViews:
+        """Set the next flattened step's inputs; returns the step's `AttentionCache`."""
+        self.slots.meta = meta
+        return self.stepping
 
-    def decode_view(self, meta: DecodeMeta) -> "PagedDecodeAttention":
-        return PagedDecodeAttention(self, meta)
-
-
-class PagedAttention:
-    """The model's `AttentionCache` for one step: writes the new K/V into their slots, then runs
-    gather-based SDPA per group and returns the outputs in flat token order."""
-
-    def __init__(self, cache: PagedKVCache, meta: StepMeta):
-        self.cache, self.meta = cache, meta
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """q `[1, H, T, D]`, k/v `[1, Hkv, T, D]` (the step's tokens flattened) -> `[1, H, T, D]`."""
-        k_cache, v_cache = self.cache.layer_kv(layer)
-        meta = self.meta
-        k_cache.index_copy_(0, meta.slot_mapping, k[0].transpose(0, 1).to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v[0].transpose(0, 1).to(v_cache.dtype))
-        qf = q[0]  # [H, T, D]
-        outs = []
-        for g in meta.groups:
-            S, Q = g.q_index.shape
-            qg = qf[:, g.q_index].transpose(0, 1)  # [S, H, Q, D]
-            kg = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [S, Hkv, L, D]
-            vg = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
-            key_pos = torch.arange(g.kv_slots.shape[1], device=q.device)
-            mask = causal_window_mask(key_pos[None, None, :], g.q_pos[:, :, None], self.cache.sliding_window)
-            mask = mask[:, None]  # [S, 1, Q, L]
-            og = sdpa(qg, kg, vg, mask=mask)  # [S, H, Q, D]
-            outs.append(og.transpose(1, 2).reshape(S * Q, og.shape[1], og.shape[3]))
-        flat = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [sum S*Q, H, D]
-        return flat[meta.out_index].permute(1, 0, 2)[None]  # [1, H, T, D]
-
-
-class PagedDecodeAttention:
-    """The model's `AttentionCache` for a pure-decode step `[B, 1]`: writes each row's new K/V into
-    its slot, gathers the row's keys/values through `kv_slots` and attends under a position mask."""
-
-    def __init__(self, cache: PagedKVCache, meta: DecodeMeta):
-        self.cache, self.meta = cache, meta
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """q `[B, H, 1, D]`, k/v `[B, Hkv, 1, D]`, positions `[B, 1]` -> `[B, H, 1, D]`."""
-        k_cache, v_cache = self.cache.layer_kv(layer)
-        meta = self.meta
-        k_cache.index_copy_(0, meta.slot_mapping, k[:, :, 0].to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v[:, :, 0].to(v_cache.dtype))
-        kg = k_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
-        vg = v_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)
-        key_pos = torch.arange(meta.kv_slots.shape[1], device=q.device)
-        mask = causal_window_mask(key_pos[None, None, None, :], positions[:, None, :, None],
-                                  self.cache.sliding_window)  # [B, 1, 1, L]
-        return attend_visible(q, kg, vg, mask)  # on CPU: the native kernel, over the visible keys only
+    def set_decode(self, kv_slots: Tensor) -> PagedViews:
+        """Set the next decode step's key slots (`build_decode`); returns the step's `AttentionCache`."""
+        self.slots.kv_slots = kv_slots
+        return self.decoding

@@ -29,18 +29,16 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import sdpa_kernel
 
 from fmstack.backends import LoggedCompile, maybe_mark_dynamic, raise_recompile_limit
-from fmstack.backends.compile import step_key
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import compile_decode, compile_prefill
 from fmstack.generation.compile_cache import CompileCache
+from fmstack.generation.generate import SDPA_BACKENDS, ModelSteps
 from fmstack.generation.sampling import logit_adjustments, sample_rows
 from fmstack.generation.structured import apply_masks, fill_masks
 from fmstack.models.llama import scale_logits
-from fmstack.serve.paged_cache import (NULL_BLOCK, AttnGroup, DecodeMeta, PagedKVCache, StepMeta, build_decode,
-                                       build_group)
+from fmstack.serve.paged_cache import NULL_BLOCK, PagedKVCache, StepMeta, build_decode, build_group
 from fmstack.serve.request import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 from fmstack.serve.speculation import verify_drafts
 
@@ -91,6 +89,26 @@ def decode_buckets(max_batch: int) -> tuple[int, ...]:
     return (*buckets, max_batch)
 
 
+class EngineSteps(ModelSteps):
+    """The engine's two model calls (what torch.compile wraps), on `Generator`'s `ModelSteps`: an
+    instance holds only what they read (the model, the `--sdpa-backend` choice), so a step saved whole
+    carries no runner state in its guards. The paged-attention inputs are set on the cache before each
+    call (`PagedKVCache.set_step` / `set_decode`)."""
+
+    def step(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, logit_index: Tensor) -> Tensor:
+        """tokens/positions `[1, T]` (a flattened step) -> logits `[N, V]` (fp32) at the flat indices
+        `logit_index [N]`."""
+        with self._sdpa_choice():
+            h = self.model.hidden_states(tokens, positions, cache.stepping)
+        return scale_logits(self.model.output(h[0, logit_index]), self.model.config).float()
+
+    def decode(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache) -> Tensor:
+        """tokens/positions `[B, 1]` (a pure-decode step) -> logits `[B, V]` (fp32)."""
+        with self._sdpa_choice():
+            h = self.model.hidden_states(tokens, positions, cache.decoding)
+        return scale_logits(self.model.output(h[:, 0]), self.model.config).float()
+
+
 class ModelRunner:
     """Forward + sampling for the engine over one `PagedKVCache`.
 
@@ -111,22 +129,29 @@ class ModelRunner:
         self.buckets = tuple(sorted(buckets))
         self.padded = compile or bool(self.buckets)  # the padded layouts (eager too when buckets are given)
         self.store = store
-        self._forward, self._decode_step = self._forward_impl, self._decode_impl
+        steps = EngineSteps(model, backends, auto=set(backends) == set(SDPA_BACKENDS.values()))
+        self._forward, self._decode_step = steps.step, steps.decode
         if compile and compile_backend is not None:  # another torch.compile backend (tests: Dynamo's graphs alone)
-            self._forward = LoggedCompile(self._forward_impl, "engine step", static_tokens=False, fullgraph=True,
+            self._forward = LoggedCompile(steps.step, "engine step", static_tokens=False, fullgraph=True,
                                           backend=compile_backend)
-            self._decode_step = LoggedCompile(self._decode_impl, DECODE_STEP, fullgraph=True, dynamic=False,
+            self._decode_step = LoggedCompile(steps.decode, DECODE_STEP, fullgraph=True, dynamic=False,
                                               backend=compile_backend)
-        elif compile:
-            self._forward = compile_prefill(self._forward_impl, "engine step", store)
-            self._decode_step = compile_decode(self._decode_impl, self.device, frozen_attribute="model",
-                                               what=DECODE_STEP, store=store)
+        elif compile:  # saved whole: a warm start loads each step without tracing (fmstack.backends.precompile)
+            self._forward = compile_prefill(steps.step, "engine step", store, precompile=True,
+                                            frozen_attribute="model")
+            self._decode_step = compile_decode(steps.decode, self.device, frozen_attribute="model",
+                                               what=DECODE_STEP, store=store, precompile=True)
         if compile:
             raise_recompile_limit()  # one graph per bucket: more than Dynamo's default limit of 8 with many
 
+    @torch.inference_mode()  # as the step's arguments are made when it runs (the saved guards check it)
     def is_stored(self, bucket: int) -> bool:
         """Whether the compile cache holds the decode graph of `bucket` (a warm start loads it)."""
-        return self.store is not None and self.store.has(DECODE_STEP, step_key((torch.empty(bucket, 1),)))
+        if not isinstance(self._decode_step, LoggedCompile):
+            return False
+        self._set_decode(build_decode([], self.block_size, bucket, self.device))
+        tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in range(2))
+        return self._decode_step.stored(tokens, positions, self.cache)
 
     @torch.inference_mode()
     def warm_up(self, buckets: Sequence[int]) -> None:
@@ -137,29 +162,11 @@ class ModelRunner:
         dev = self.device
         for i, b in enumerate(buckets):
             log.info("engine warm-up %d/%d: decode batch %d", i + 1, len(buckets) + 1, b)
-            meta = build_decode([], self.block_size, b, dev)
-            maybe_mark_dynamic(meta.kv_slots, 1)
+            self._set_decode(build_decode([], self.block_size, b, dev))
             tokens, positions = (torch.zeros(b, 1, dtype=torch.long, device=dev) for _ in range(2))  # not aliased:
-            self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)  # Dynamo guards on it
+            self._decode_step(tokens, positions, self.cache)  # Dynamo guards on it
         log.info("engine warm-up %d/%d: prefill step", len(buckets) + 1, len(buckets) + 1)
         self._logits(self.inputs(padding_chunks(self.block_size)))
-
-    def _forward_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, logit_index: Tensor,
-                      meta: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, Tensor]]]) -> Tensor:
-        """tokens/positions `[1, T]` -> logits `[N, V]` (fp32) at the flat indices `logit_index [N]`;
-        meta: slot_mapping, out_index and each group's (q_index, q_pos, kv_slots) (see `StepMeta`)."""
-        slot_mapping, out_index, groups = meta
-        meta = StepMeta(slot_mapping, out_index, tuple(AttnGroup(*g) for g in groups))
-        with sdpa_kernel(self.backends):
-            h = self.model.hidden_states(tokens, positions, cache.view(meta))
-        return scale_logits(self.model.output(h[0, logit_index]), self.model.config).float()
-
-    def _decode_impl(self, tokens: Tensor, positions: Tensor, cache: PagedKVCache, slot_mapping: Tensor,
-                     kv_slots: Tensor) -> Tensor:
-        """tokens/positions `[B, 1]` -> logits `[B, V]` (fp32)."""
-        with sdpa_kernel(self.backends):
-            h = self.model.hidden_states(tokens, positions, cache.decode_view(DecodeMeta(slot_mapping, kv_slots)))
-        return scale_logits(self.model.output(h[:, 0]), self.model.config).float()
 
     def bucket(self, batch: int) -> int:
         """The decode batch `batch` sequences run as (itself without buckets or past the largest one)."""
@@ -173,10 +180,14 @@ class ModelRunner:
         dev = self.device
         tokens = torch.tensor([c.token_ids[0] for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
         positions = torch.tensor([c.start for c in chunks] + [0] * pad, dtype=torch.long, device=dev)[:, None]
-        meta = build_decode([(c.start, c.block_table) for c in chunks], self.block_size, Bp, dev)
+        self._set_decode(build_decode([(c.start, c.block_table) for c in chunks], self.block_size, Bp, dev))
+        return self._decode_step(tokens, positions, self.cache)[:B]
+
+    def _set_decode(self, kv_slots: Tensor) -> None:
+        """The decode step's key slots into the cache's layer views (outside the compiled step)."""
         if self.compiled:
-            maybe_mark_dynamic(meta.kv_slots, 1)  # the key length: one graph per bucket, not per length
-        return self._decode_step(tokens, positions, self.cache, meta.slot_mapping, meta.kv_slots)[:B]
+            maybe_mark_dynamic(kv_slots, 1)  # the key length: one graph per bucket, not per length
+        self.cache.set_decode(kv_slots)
 
     def inputs(self, chunks: Sequence[ScheduledChunk]) -> StepInputs:
         """Host-side step inputs: flat tokens/positions, slot mapping, groups, logit rows wanted.
@@ -221,9 +232,8 @@ class ModelRunner:
             x.meta.mark_dynamic()
             for t, dim in ((x.tokens, 1), (x.positions, 1), (x.logit_index, 0)):
                 maybe_mark_dynamic(t, dim)
-        m = x.meta
-        groups = [(g.q_index, g.q_pos, g.kv_slots) for g in m.groups]
-        return self._forward(x.tokens, x.positions, self.cache, x.logit_index, (m.slot_mapping, m.out_index, groups))
+        self.cache.set_step(x.meta)
+        return self._forward(x.tokens, x.positions, self.cache, x.logit_index)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:

@@ -12,7 +12,7 @@ from fmstack.errors import ParameterError
 from fmstack.generation.sampling import SamplingParams
 from fmstack.loading import load_model
 from fmstack.serve.engine import Engine, EngineConfig, RequestParams
-from fmstack.serve.paged_cache import NULL_BLOCK, build_decode
+from fmstack.serve.paged_cache import NULL_BLOCK, build_decode, decode_slots
 from fmstack.serve.runner import ModelRunner, decode_buckets, padding_chunks
 from tests.serve.test_engine import prompts, reference, run, tokens_of
 
@@ -31,11 +31,12 @@ def test_decode_buckets():
 
 
 def test_padding_rows_touch_only_the_null_block():
-    meta = build_decode([(5, (3, 7)), (0, (2,))], block_size=4, batch=4)
-    assert meta.slot_mapping.tolist() == [7 * 4 + 1, 2 * 4, NULL_BLOCK, NULL_BLOCK]
-    assert meta.kv_slots.shape == (4, 8)
-    assert meta.kv_slots[0].tolist() == list(range(12, 16)) + list(range(28, 32))
-    assert meta.kv_slots[2:].lt(4).all()  # padding rows read the null block only
+    kv_slots = build_decode([(5, (3, 7)), (0, (2,))], block_size=4, batch=4)
+    positions = torch.tensor([[5], [0], [0], [0]])
+    assert decode_slots(kv_slots, positions).tolist() == [7 * 4 + 1, 2 * 4, NULL_BLOCK, NULL_BLOCK]
+    assert kv_slots.shape == (4, 8)
+    assert kv_slots[0].tolist() == list(range(12, 16)) + list(range(28, 32))
+    assert kv_slots[2:].lt(4).all()  # padding rows read the null block only
     with pytest.raises(ValueError, match="do not fit"):
         build_decode([(0, (1,))] * 3, block_size=4, batch=2)
     sizes = lambda c: (c.n, len(c.block_table))  # noqa: E731
@@ -150,3 +151,29 @@ def test_serve_compiles_by_default_and_no_compile_stays(monkeypatch):
     assert parser.parse_args(["serve"]).warmup == "cached"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--warmup", "some"])
+
+
+def test_both_engine_steps_trace_one_block_for_every_layer(tiny):
+    """The paged caches hand the model per-layer views (`PagedKVCache.decoding` / `stepping`): the
+    compiled decode and flattened steps each call one traced block graph for all layers (what makes a
+    bucket compile in seconds, not minutes), with no graph break, and equal the eager engine."""
+    graphs = []
+
+    def record(gm, example_inputs):  # no Inductor: what Dynamo traced, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    cfg = dict(block_size=4, num_blocks=60, max_num_batched_tokens=24, max_num_seqs=2, max_model_len=64)
+    eng = Engine(tiny, None, EngineConfig(**cfg, compile=True, compile_cache=False, compile_backend=record))
+    eng.warm_up("all")
+    assert len(graphs) == 3  # buckets 1, 2 and the flattened step
+    for gm in graphs:
+        calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        assert len(calls) == tiny.config.n_layers
+        assert len({n.args[0].target for n in calls}) == 1
+    ps = prompts([9, 5, 12], seed=4)
+    params = RequestParams(SamplingParams(max_new_tokens=6))
+    compiled, _ = run(eng, ps, params)
+    assert len(graphs) == 3  # no recompile: other key lengths, batch sizes and chunk layouts
+    assert tokens_of(compiled) == tokens_of(run(Engine(tiny, None, EngineConfig(**cfg)), ps, params)[0])
