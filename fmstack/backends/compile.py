@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
-from fmstack.backends import kernel_batch, vec_isa
+from fmstack.backends import background, kernel_batch, vec_isa
 from fmstack.backends.dynamo import compile_counters
 from fmstack.backends.gate import warn_once
 from fmstack.backends.precompile import (Precompiled, aot_compile, compile_settings, dynamic_dims, fits_this_cpu,
@@ -125,6 +125,29 @@ class LoggedCompile:
         self.precompile = bool(precompile and store is not None and getattr(store, "precompile", False)
                                and precompile_available())
         self._entries: dict[tuple[str, ...], list[Precompiled]] = {}
+        self.recipe: Callable[[], LoggedCompile] | None = None  # builds this in another process (`prebuild`)
+        self._children: dict[tuple[str, ...], background.Child] = {}
+
+    def prebuild(self, *args: Any) -> bool:
+        """Start compiling this step for `args` in a child process that saves it whole to the store
+        (`fmstack.backends.background`), so that this process can compile another step meanwhile; the
+        first call with such arguments waits for the child and loads its entry. False (nothing
+        started) where the step is not saved whole, is stored already or is being built."""
+        if not self.precompile or self.recipe is None:
+            return False
+        key = self.key(args)
+        label = self._label(key, args)
+        if key in self._entries or label in self._children or self.store.has(self.what, label):
+            return False
+        try:
+            self._children[label] = background.Child(self.what, self.recipe, args)
+        except Exception as e:  # noqa: BLE001 - e.g. an argument that cannot be described: compile it here
+            log.info("%s (%s) cannot be compiled in the background (%s: %s)", self.what, ", ".join(key),
+                     type(e).__name__, e)
+            return False
+        log.info("compiling %s (%s) in a background process meanwhile: saved whole in %s", self.what,
+                 ", ".join(key), self.store.where())
+        return True
 
     def __call__(self, *args: Any) -> Any:
         key = self.key(args)
@@ -181,6 +204,13 @@ class LoggedCompile:
         """The saved step for these arguments, loaded, else compiled ahead of time and saved; None
         (precompile off from now on, one warning) where this step cannot be compiled so."""
         label = self._label(key, args)
+        child = self._children.pop(label, None)
+        if child is not None:
+            t0 = time.perf_counter()
+            with heartbeat(self.what, ", ".join(key) + ", in the background process", t0):
+                child.wait()
+            log.info("waited %.1f s for the background compile of %s (%s)", time.perf_counter() - t0, self.what,
+                     ", ".join(key))
         entry = self._load_entry(key, label, args)
         if entry is not None:
             return entry

@@ -45,8 +45,10 @@ def compile_decode(fn: Callable, device: torch.device | str, gemv_max_rows: int 
                    store: CompileStore | None = None, precompile: bool = False) -> LoggedCompile:
     """`fn` compiled as a static-shape decode step on `device` (see the module docstring); with
     `precompile` (and `store`) saved whole for later processes (`LoggedCompile`)."""
-    return LoggedCompile(fn, what, store=store, precompile=precompile, frozen_attribute=frozen_attribute,
+    step = LoggedCompile(fn, what, store=store, precompile=precompile, frozen_attribute=frozen_attribute,
                          **decode_compile_kwargs(device, gemv_max_rows, frozen_attribute))
+    step.recipe = functools.partial(compile_decode, fn, device, gemv_max_rows, frozen_attribute, what, store, precompile)
+    return step
 
 
 def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | None = None,
@@ -56,8 +58,10 @@ def compile_prefill(fn: Callable, what: str = "prefill", store: CompileStore | N
     else is static (`dynamic=False`): a second batch size is a graph of its own, where Dynamo's
     automatic dynamic shapes would re-trace with a symbolic batch, which torch 2.13 fails on inside
     the compile region (InternalTorchDynamoError KeyError in `stamp_out_subgraph`)."""
-    return LoggedCompile(fn, what, static_tokens=False, store=store, precompile=precompile,
+    step = LoggedCompile(fn, what, static_tokens=False, store=store, precompile=precompile,
                          frozen_attribute=frozen_attribute, fullgraph=True, dynamic=False)
+    step.recipe = functools.partial(compile_prefill, fn, what, store, precompile, frozen_attribute)
+    return step
 
 
 def with_recompile_limit(method: Callable) -> Callable:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fmstack.backends import mark_dynamic
+from fmstack.backends import LoggedCompile, mark_dynamic
 from fmstack.errors import ParameterError
 from fmstack.generation.compile import GEMV_MAX_ROWS, compile_decode, compile_prefill, with_recompile_limit
 from fmstack.generation.compile_cache import CompileCache
@@ -197,6 +197,19 @@ class Generator:
             mark_dynamic(positions, 1)
         return self._prefill_step(tokens, positions, cache, *sampling).clone()  # fed to decode: see _decode
 
+    def _prebuild_decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *rest: Tensor | None) -> None:
+        """A cold start: the decode step compiles in a background process while this one compiles the
+        prefill step (`LoggedCompile.prebuild`; SmolLM2-135M, 2 cores: docs/compile.md). Nothing where
+        the prefill step is stored already (a warm start) or is the decode step (one-token prompts)."""
+        prefill, decode = self._prefill_step, self._decode_step
+        if tokens.shape[1] == 1 or not (isinstance(prefill, LoggedCompile) and isinstance(decode, LoggedCompile)):
+            return
+        mark_dynamic(tokens, 1)  # as `_prefill` marks them: the stored entry's key says so
+        mark_dynamic(positions, 1)
+        if not prefill.stored(tokens, positions, cache, *rest):
+            step = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
+            decode.prebuild(step, step.clone(), cache, *rest)
+
     def _decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, *sampling: Tensor | None) -> Tensor:
         """One decode step -> next ids `[B]`, cloned: the loop feeds them into the next step, and under
         CUDA graphs (cudagraph trees) the next replay overwrites or frees this replay's outputs
@@ -288,7 +301,10 @@ class Generator:
             history = [list(p) + r.result.token_ids for p, r in zip(prompts, rows)]
             return logit_adjustments(plist, history, [len(p) for p in prompts], stop_ids, vocab, dev)
 
-        next_ids = prefill(tokens, positions, cache, *sampling, noise(), min_p, *adjustments())
+        rest = (*sampling, noise(), min_p, *adjustments())
+        if prefill == self._prefill:
+            self._prebuild_decode(tokens, positions, cache, *rest)
+        next_ids = prefill(tokens, positions, cache, *rest)
         next_positions = torch.tensor([len(p) for p in prompts], device=dev)[:, None]
         t_first = None
         while True:

@@ -21,6 +21,7 @@ per-request state; seeded requests bring their own `torch.Generator` on the sequ
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -149,24 +150,31 @@ class ModelRunner:
         """Whether the compile cache holds the decode graph of `bucket` (a warm start loads it)."""
         if not isinstance(self._decode_step, LoggedCompile):
             return False
-        self._set_decode(build_decode([], self.block_size, bucket, self.device))
-        tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in range(2))
-        return self._decode_step.stored(tokens, positions, self.cache)
+        return self._decode_step.stored(*self._decode_args(bucket))
 
     @torch.inference_mode()
     def warm_up(self, buckets: Sequence[int]) -> None:
         """Run the decode step once per bucket in `buckets` and the flattened step once, on padding
         rows only (their K/V go to the null block), so that each graph is compiled (or loaded from the
         store) now. The flattened step's sizes are all distinct and >= 2: Dynamo gives each its own
-        symbol, so no later size combination recompiles it."""
-        dev = self.device
-        for i, b in enumerate(buckets):
-            log.info("engine warm-up %d/%d: decode batch %d", i + 1, len(buckets) + 1, b)
-            self._set_decode(build_decode([], self.block_size, b, dev))
-            tokens, positions = (torch.zeros(b, 1, dtype=torch.long, device=dev) for _ in range(2))  # not aliased:
-            self._decode_step(tokens, positions, self.cache)  # Dynamo guards on it
-        log.info("engine warm-up %d/%d: prefill step", len(buckets) + 1, len(buckets) + 1)
-        self._logits(self.inputs(padding_chunks(self.block_size)))
+        symbol, so no later size combination recompiles it. Cold, the graphs go two at a time: the
+        second compiles in a background process while this one compiles the first
+        (`LoggedCompile.prebuild`), so both cores work."""
+        calls = [(f"decode batch {b}", self._decode_step, functools.partial(self._decode_args, b)) for b in buckets]
+        calls.append(("prefill step", self._forward, lambda: self._step_args(self.inputs(padding_chunks(self.block_size)))))
+        for i in range(0, len(calls), 2):
+            pair = calls[i:i + 2]
+            if len(pair) == 2 and isinstance(pair[1][1], LoggedCompile):
+                pair[1][1].prebuild(*pair[1][2]())
+            for j, (what, step, args) in enumerate(pair):
+                log.info("engine warm-up %d/%d: %s", i + j + 1, len(calls), what)
+                step(*args())
+
+    def _decode_args(self, bucket: int) -> tuple:
+        """A decode step's arguments for `bucket` padding rows (the key slots set on the cache)."""
+        self._set_decode(build_decode([], self.block_size, bucket, self.device))
+        tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in range(2))
+        return tokens, positions, self.cache  # tokens and positions not aliased: Dynamo guards on it
 
     def bucket(self, batch: int) -> int:
         """The decode batch `batch` sequences run as (itself without buckets or past the largest one)."""
@@ -227,13 +235,18 @@ class ModelRunner:
         return StepInputs(t(toks)[None], t(pos)[None], StepMeta(t(slots), t(out_index), tuple(groups)),
                           t(logit_rows), first_row)
 
-    def _logits(self, x: StepInputs) -> Tensor:
+    def _step_args(self, x: StepInputs) -> tuple:
+        """A flattened step's arguments (its paged-attention inputs set on the cache; compiled, every
+        size marked dynamic)."""
         if self.compiled:
             x.meta.mark_dynamic()
             for t, dim in ((x.tokens, 1), (x.positions, 1), (x.logit_index, 0)):
                 maybe_mark_dynamic(t, dim)
         self.cache.set_step(x.meta)
-        return self._forward(x.tokens, x.positions, self.cache, x.logit_index)
+        return x.tokens, x.positions, self.cache, x.logit_index
+
+    def _logits(self, x: StepInputs) -> Tensor:
+        return self._forward(*self._step_args(x))
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:

@@ -29,13 +29,14 @@ def compiled_runs(tiny):
     params = SamplingParams(max_new_tokens=20)
     gen.generate([[1, 2, 3, 4]], params)  # compiles prefill (dynamic length) and decode
     warm_graphs = counters["stats"]["unique_graphs"]
+    loaded = bool(gen._decode_step._entries)  # the decode step built by a background process, then loaded
     outs = {}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (5, 9, 17):
             prompt = list(range(10, 10 + n))
             outs[n] = gen.generate([prompt], params)[0].token_ids
     return dict(outs=outs, graph_breaks=dict(counters["graph_break"]), warm_graphs=warm_graphs,
-                graphs_after=counters["stats"]["unique_graphs"])
+                graphs_after=counters["stats"]["unique_graphs"], decode_loaded=loaded)
 
 
 def test_zero_graph_breaks(compiled_runs):
@@ -43,7 +44,8 @@ def test_zero_graph_breaks(compiled_runs):
 
 
 def test_no_recompiles_across_steps_and_prompt_lengths(compiled_runs):
-    assert compiled_runs["warm_graphs"] == 2  # prefill + decode
+    # prefill + decode, the decode step traced in a background process where the cache saves steps whole
+    assert compiled_runs["warm_graphs"] == (1 if compiled_runs["decode_loaded"] else 2)
     assert compiled_runs["graphs_after"] == compiled_runs["warm_graphs"]
 
 

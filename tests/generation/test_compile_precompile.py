@@ -225,3 +225,21 @@ def test_a_step_that_cannot_be_saved_whole_compiles_with_dynamo(saved, tmp_path,
     assert len(warnings) == 1 and "no aot_compile here" in warnings[0]
     assert entries(tmp_path / "empty") == {}
     assert [e["key"]["shape"] for e in cache_entries(tmp_path / "empty" / "compile")] == [["batch 1", "greedy"]]
+
+
+def test_cold_start_builds_the_decode_step_in_a_background_process(tmp_path, monkeypatch, caplog):
+    """A cold compile of a longer prompt: the decode step compiles in a child process (tensors sent as
+    layouts only) while this one compiles the prefill step; this process then loads the child's
+    entry (one graph traced here, not two) and generates the eager tokens."""
+    monkeypatch.setenv("FMSTACK_CACHE_DIR", str(tmp_path))
+    model = load_model("random:tiny-gqa", seed=0).model
+    prompt, params = [[3, 1, 4, 1, 5]], SamplingParams(max_new_tokens=5)
+    expected = Generator(model, eos_ids=[], max_seq_len=64).generate(prompt, params)[0].token_ids
+    before = compile_counters()["graphs"]
+    with caplog.at_level(logging.INFO, logger="fmstack"):
+        got = Generator(model, eos_ids=[], compile=True, max_seq_len=64).generate(prompt, params)[0].token_ids
+    assert got == expected
+    assert "compiling decode step (batch 1, greedy) in a background process" in caplog.text
+    assert "loaded compiled decode step (batch 1, greedy)" in caplog.text
+    assert compile_counters()["graphs"] - before == 1  # the prefill step; the decode step came from the child
+    assert sorted(k["step"] for k in entries(tmp_path).values()) == ["decode step", "prefill"]
