@@ -127,6 +127,7 @@ class LoggedCompile:
         self._entries: dict[tuple[str, ...], list[Precompiled]] = {}
         self.recipe: Callable[[], LoggedCompile] | None = None  # builds this in another process (`prebuild`)
         self._children: dict[tuple[str, ...], background.Child] = {}
+        self.background_builds = 0  # steps this process loaded from a background compile (tests, logs)
 
     def prebuild(self, *args: Any) -> bool:
         """Start compiling this step for `args` in a child process that saves it whole to the store
@@ -213,6 +214,7 @@ class LoggedCompile:
                      ", ".join(key))
         entry = self._load_entry(key, label, args)
         if entry is not None:
+            self.background_builds += child is not None
             return entry
         words = ", ".join(key) or "first call"
         log.info("compiling %s (%s): once per process; saved whole in %s for later processes", self.what, words,

@@ -302,7 +302,7 @@ class Generator:
             return logit_adjustments(plist, history, [len(p) for p in prompts], stop_ids, vocab, dev)
 
         rest = (*sampling, noise(), min_p, *adjustments())
-        if prefill == self._prefill:
+        if prefill == self._prefill and max_new > 1:  # a decode step will follow
             self._prebuild_decode(tokens, positions, cache, *rest)
         next_ids = prefill(tokens, positions, cache, *rest)
         next_positions = torch.tensor([len(p) for p in prompts], device=dev)[:, None]

@@ -29,7 +29,7 @@ def compiled_runs(tiny):
     params = SamplingParams(max_new_tokens=20)
     gen.generate([[1, 2, 3, 4]], params)  # compiles prefill (dynamic length) and decode
     warm_graphs = counters["stats"]["unique_graphs"]
-    loaded = bool(gen._decode_step._entries)  # the decode step built by a background process, then loaded
+    loaded = gen._decode_step.background_builds > 0  # the decode step built by a background process, then loaded
     outs = {}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (5, 9, 17):

@@ -212,11 +212,13 @@ def test_compiled_decode_equals_eager_without_graph_breaks():
     prompt, params = list(range(10, 17)), SamplingParams(max_new_tokens=8)
     want = Generator(model, eos_ids=[], max_seq_len=64).generate([prompt], params)[0].token_ids
     before = compile_counters()
-    got = Generator(model, eos_ids=[], compile=True, max_seq_len=64).generate([prompt], params)[0].token_ids
+    gen = Generator(model, eos_ids=[], compile=True, max_seq_len=64)
+    got = gen.generate([prompt], params)[0].token_ids
     after = compile_counters()
     assert got == want
     assert after["graph_breaks"] == before["graph_breaks"]
-    assert after["graphs"] - before["graphs"] == 2  # prefill + decode
+    # prefill + decode; the decode step traced in a background process where the cache saves steps whole
+    assert after["graphs"] - before["graphs"] == 2 - gen._decode_step.background_builds
 
 
 def test_configs():
