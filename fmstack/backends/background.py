@@ -118,6 +118,6 @@ def child_main() -> None:
     torch.set_default_dtype(state["dtype"])
     with torch.inference_mode(state["inference"]), torch.set_grad_enabled(state["grad"]):
         step = recipe()
-        if step._precompiled(step.key(args), args) is None:
+        if not step.save_whole(*args):
             sys.exit(3)  # it cannot be saved whole: the parent compiles it (and warns once)
 

@@ -134,11 +134,11 @@ class LoggedCompile:
         (`fmstack.backends.background`), so that this process can compile another step meanwhile; the
         first call with such arguments waits for the child and loads its entry. False (nothing
         started) where the step is not saved whole, is stored already or is being built."""
-        if not self.precompile or self.recipe is None:
+        if not self.precompile or self.recipe is None or self.ready(*args):
             return False
         key = self.key(args)
         label = self._label(key, args)
-        if key in self._entries or label in self._children or self.store.has(self.what, label):
+        if label in self._children or self.store.has(self.what, label):
             return False
         try:
             self._children[label] = background.Child(self.what, self.recipe, args)
@@ -165,6 +165,17 @@ class LoggedCompile:
                 self._entries.setdefault(key, []).append(entry)
                 return entry(*args)
         return self._compile(key, args)
+
+    def ready(self, *args: Any) -> bool:
+        """Whether this process has run this step for arguments with `args`' key already (loaded or
+        compiled): a cheap check, no label digest and no file access."""
+        key = self.key(args)
+        return key in self._entries or key in self._seen
+
+    def save_whole(self, *args: Any) -> bool:
+        """Compile this step for `args` ahead of time and save it whole to the store (what a background
+        compile's child process runs); False where it cannot be saved so."""
+        return self._precompiled(self.key(args), args) is not None
 
     def stored(self, *args: Any) -> bool:
         """Whether the store holds this step for `args` (a call with them loads it instead of compiling)."""

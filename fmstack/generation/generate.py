@@ -204,6 +204,8 @@ class Generator:
         prefill, decode = self._prefill_step, self._decode_step
         if tokens.shape[1] == 1 or not (isinstance(prefill, LoggedCompile) and isinstance(decode, LoggedCompile)):
             return
+        if prefill.ready(tokens, positions, cache, *rest):  # every later call of this process: nothing to check
+            return
         mark_dynamic(tokens, 1)  # as `_prefill` marks them: the stored entry's key says so
         mark_dynamic(positions, 1)
         if not prefill.stored(tokens, positions, cache, *rest):

@@ -20,8 +20,8 @@ so the step compiles with `fullgraph=True` (sizes marked dynamic).
 
 The model attends through per-layer views (`PagedDecodeLayer` / `PagedStepLayer`: a layer's K/V
 buffers and the step's `StepSlots`, set before each step), so the compiled steps trace one decoder
-block for all layers (`models.llama.run_block`): a decode bucket of SmolLM2-135M compiles in ~10 s,
-not ~160 s with its 30 layers unrolled (docs/compile.md, "The serving engine's steps").
+block for all layers (`models.llama.run_block`): SmolLM2-135M's decode bucket 1 and prefill graph
+compile cold in 24.5 s, 263.1 s with the 30 layers unrolled (`benchmarks/results/serve_compile_cpu.json`).
 
 Prefix caching: a full block is identified by `(hash of the previous block's key, its tokens)`.
 Blocks whose reference count drops to zero keep their contents and stay findable until the free
